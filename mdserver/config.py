@@ -1,0 +1,481 @@
+"""The INI configuration: one table of keys, loaded once into frozen dataclasses."""
+
+import configparser
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from mdserver.errors import ConfigError
+
+DEFAULT_PATH = "/etc/mdserver/mdserver.conf"
+METADATA_ADDRESS = "169.254.169.254"
+
+# cloud-init passes a password to `chpasswd -e` only when it matches this
+# (cc_set_passwords); anything else, yescrypt `$y$` included, would be set as
+# a plain-text password equal to the hash.
+CRYPT_HASH = re.compile(r"^\$(1|2a|2y|5|6)(\$[^$:\s]+){2,3}$")
+HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+ENTRY_KINDS = ("base", "prefix", "domain", "fqdn")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Keys of md_server 0.6 that mdserver does not use: a file that has them
+# still loads, with one warning each.
+LEGACY_KEYS = {
+    ("mdserver", "debug"), ("mdserver", "debug_userdata"),
+    ("mdserver", "hostname_prefix"), ("mdserver", "hostname-prefix"),
+    ("mdserver", "md-base"), ("dnsmasq", "run_dir"), ("dnsmasq", "listen_address"),
+}
+LEGACY_SECTIONS = ("loglevels", "service", "_files_")
+
+
+# -- converters: str -> value, ValueError with a reason on bad input ---------
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def conv(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is outside {lo}..{hi}")
+        return value
+    return conv
+
+
+def _bool(text: str) -> bool:
+    states = configparser.ConfigParser.BOOLEAN_STATES
+    if text.lower() not in states:
+        raise ValueError(f"{text!r} is not one of yes/no/true/false/on/off/1/0")
+    return states[text.lower()]
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def conv(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return text.lower()
+    return conv
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _optional_text(text: str) -> Optional[str]:
+    # md_server 0.6 wrote "no" (or False) for "not set".
+    return None if text.lower() in ("", "no", "none", "false") else text
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 address") from None
+
+
+def _password(text: str) -> Optional[str]:
+    if _optional_text(text) is None:
+        return None
+    if not CRYPT_HASH.match(text):
+        raise ValueError(
+            "not a crypt hash that cloud-init recognises ($1$, $2a$, $2y$, $5$ or "
+            "$6$, e.g. from `mkpasswd -m sha-512`; write each $ as $$)")
+    return text
+
+
+def _suffixes(text: str) -> Tuple[str, ...]:
+    # md_server 0.6 format: colon-separated, an empty entry meaning "no suffix",
+    # which the lookup always tries first anyway.
+    out = tuple(s for s in text.split(":") if s)
+    for s in out:
+        if "/" in s or "\0" in s:
+            raise ValueError(f"suffix {s!r} may not contain '/'")
+    return out
+
+
+def _label(text: str) -> Optional[str]:
+    value = _optional_text(text)
+    if value is not None and not all(HOST_LABEL.match(p) for p in value.split(".")):
+        raise ValueError(f"{text!r} is not a valid DNS name")
+    return value
+
+
+def _prefix(text: str) -> Optional[str]:
+    value = _optional_text(text)
+    if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9-]{0,30}$", value):
+        raise ValueError(f"{text!r} is not a host name prefix (letters, digits, '-')")
+    return value
+
+
+def _entry_order(text: str) -> Tuple[str, ...]:
+    kinds = tuple(k.strip().lower() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise ValueError("empty; use base, prefix, domain or fqdn")
+    for k in kinds:
+        if k not in ENTRY_KINDS:
+            raise ValueError(f"{k!r} is not one of {', '.join(ENTRY_KINDS)}")
+    return kinds
+
+
+def _zone(text: str) -> str:
+    if not re.match(r"^[a-z0-9][a-z0-9-]*[a-z]$", text):
+        raise ValueError(f"{text!r} is not an availability zone like mds-1a")
+    return text
+
+
+def _region(text: str) -> Optional[str]:
+    if text == "":
+        return None
+    if not re.match(r"^[a-z0-9][a-z0-9-]*$", text):
+        raise ValueError(f"{text!r} is not a region name like mds-1")
+    return text
+
+
+def _path(text: str) -> str:
+    return text
+
+
+def _optional_path(text: str) -> Optional[str]:
+    return _optional_text(text)
+
+
+# -- the table ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    convert: Callable[[str], Any]
+    default: str
+    doc: str
+    attr: str = ""  # dataclass field name when it differs from `name`
+
+
+KEYS: Tuple[Key, ...] = (
+    Key("mdserver", "port", _int_range(1, 65535), "80", "TCP port of the metadata service."),
+    Key("mdserver", "listen_address", _ip, METADATA_ADDRESS,
+        "Address the metadata service listens on. It may be absent when mdserver\n"
+        "starts (the bridge comes up later): mdserver binds it anyway."),
+    Key("mdserver", "loglevel", _choice(*LOG_LEVELS), "info",
+        "Log level: debug, info, warning, error or critical."),
+    Key("mdserver", "logfile", _optional_path, "",
+        "Log file, reopened on SIGHUP (logrotate). Empty: log to stderr (the journal)."),
+    Key("mdserver", "userdata_dir", _path, "/etc/mdserver/userdata",
+        "Directory searched for user-data templates."),
+    Key("mdserver", "userdata_suffixes", _suffixes, ".yaml",
+        "Colon-separated suffixes tried after the bare name, e.g. .yaml:.cfg"),
+    Key("mdserver", "password", _password, "",
+        "Crypt hash (not plain text) set as the default user's password, with SSH\n"
+        "password login enabled. Write each $ as $$ (mkpasswd -m sha-512).\n"
+        "Empty: no password."),
+    Key("mdserver", "default_template", _optional_path, "",
+        "Template used when nothing more specific is found (relative names are in\n"
+        "userdata_dir). Empty: the built-in template."),
+    Key("mdserver", "db_file", _path, "/var/lib/mdserver/db_file.json",
+        "Instance database (a journal is kept beside it as <db_file>.journal)."),
+    Key("mdserver", "imds_tokens", _choice("optional", "required"), "optional",
+        "IMDSv2 session tokens: optional (guests may skip them, as non-AWS cloud-init\n"
+        "does) or required (token-less requests get 401; locks out non-AWS guests)."),
+    Key("mdserver", "token_key_file", _optional_path, "",
+        "Secret that signs IMDSv2 tokens, created on first start.\n"
+        "Empty: imds-token.key beside db_file."),
+    Key("mdserver", "availability_zone", _zone, "mds-1a", "placement/availability-zone."),
+    Key("mdserver", "region", _region, "",
+        "placement/region. Empty: the availability zone without its last letter."),
+    Key("mdserver", "instance_type", _text, "m1.small", "instance-type."),
+    Key("mdserver", "ami_id", _text, "ami-00000000", "ami-id and the identity document's imageId."),
+    Key("mdserver", "access_log", _bool, "no",
+        "Log one line per request at info level (costs throughput)."),
+    Key("mdserver", "workers", _int_range(1, 64), "1",
+        "Server worker threads that run the application."),
+    Key("mdserver", "backlog", _int_range(16, 65535), "1024", "Listen backlog."),
+    Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
+        "Directory for the generated dnsmasq configuration."),
+    Key("dnsmasq", "user", _text, "mdserver", "User dnsmasq runs as (so mdserver can signal it)."),
+    Key("dnsmasq", "net_name", _text, "mds", "libvirt network whose interface identifies an instance."),
+    Key("dnsmasq", "net_address", _ipv4, "10.122.0.0", "Network address for IP allocation."),
+    Key("dnsmasq", "net_prefix", _int_range(8, 30), "16", "Network prefix length."),
+    Key("dnsmasq", "gateway", _ipv4, "10.122.0.1", "Gateway (the host's address on the network)."),
+    Key("dnsmasq", "interface", _text, "br-mds", "Bridge that carries the network."),
+    Key("dnsmasq", "use_dns", _bool, "no", "Tell guests to use mdserver's dnsmasq as DNS server."),
+    Key("dnsmasq", "lease_len", _int_range(120, 31536000), "86400", "DHCP lease time, seconds."),
+    Key("dnsmasq", "prefix", _prefix, "", "Prefix for DNS names (<prefix><name>). Empty: none."),
+    Key("dnsmasq", "domain", _label, "",
+        "Domain of the instances; also appended to local-hostname. Empty: none."),
+    Key("dnsmasq", "entry_order", _entry_order, "base",
+        "Names in each DNS host entry, in order: base, prefix, domain (or fqdn)."),
+)
+KEY_TABLE: Dict[Tuple[str, str], Key] = {(k.section, k.name): k for k in KEYS}
+FREE_SECTIONS = ("public-keys", "template-data")
+INCLUDE = "_include_"
+
+
+@dataclass(frozen=True)
+class MdserverSection:
+    port: int
+    listen_address: str
+    loglevel: str
+    logfile: Optional[str]
+    userdata_dir: str
+    userdata_suffixes: Tuple[str, ...]
+    password: Optional[str]
+    default_template: Optional[str]
+    db_file: str
+    imds_tokens: str
+    token_key_file: str
+    availability_zone: str
+    region: str
+    instance_type: str
+    ami_id: str
+    access_log: bool
+    workers: int
+    backlog: int
+
+
+@dataclass(frozen=True)
+class DnsmasqSection:
+    base_dir: str
+    user: str
+    net_name: str
+    net_address: str
+    net_prefix: int
+    gateway: str
+    interface: str
+    use_dns: bool
+    lease_len: int
+    prefix: Optional[str]
+    domain: Optional[str]
+    entry_order: Tuple[str, ...]
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"{self.net_address}/{self.net_prefix}")
+
+
+@dataclass(frozen=True)
+class Config:
+    mdserver: MdserverSection
+    dnsmasq: DnsmasqSection
+    public_keys: Tuple[Tuple[str, str], ...]
+    template_data: Mapping[str, str]
+    path: str = ""
+    warnings: Tuple[str, ...] = field(default=(), compare=False)
+
+
+# Names the user-data context defines itself; [template-data] may not shadow them.
+RESERVED_TEMPLATE_NAMES = frozenset({
+    "hostname", "fqdn", "name", "uuid", "mac", "ip", "instance_id",
+    "public_keys", "public_key_list", "mdserver_password",
+})
+
+
+class _Source:
+    """Raw values with the file each came from, for error messages."""
+
+    def __init__(self) -> None:
+        self.values: Dict[Tuple[str, str], Tuple[str, str]] = {}
+        self.order: List[Tuple[str, str]] = []
+
+    def read(self, path: str) -> configparser.ConfigParser:
+        # The md_server 0.6 reading: ExtendedInterpolation (so `$$` is a `$`
+        # and ${section:key} refers), keys without value allowed, keys
+        # lower-cased, later files win.
+        parser = configparser.ConfigParser(
+            interpolation=configparser.ExtendedInterpolation(), allow_no_value=True)
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f, source=path)
+        except OSError as e:
+            raise ConfigError(path, "", "", f"cannot read: {e.strerror}") from None
+        except (configparser.Error, UnicodeDecodeError) as e:
+            raise ConfigError(path, "", "", _one_line(e)) from None
+        # A second, raw reading lists only the keys each section really has:
+        # [DEFAULT] entries only feed interpolation.
+        raw = configparser.RawConfigParser(allow_no_value=True, default_section="\0")
+        with open(path, encoding="utf-8") as f:
+            raw.read_file(f, source=path)
+        for section in raw.sections():
+            if section == parser.default_section:
+                continue
+            for key in raw.options(section):
+                try:
+                    value = parser.get(section, key)
+                except configparser.Error as e:
+                    raise ConfigError(path, section, key,
+                                      f"{_one_line(e)} (write a literal $ as $$)") from None
+                if (section, key) not in self.values:
+                    self.order.append((section, key))
+                self.values[(section, key)] = ("" if value is None else value.strip(), path)
+        return parser
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _include_paths(source: _Source, main: str) -> List[str]:
+    base = os.path.dirname(os.path.abspath(main))
+    paths: List[str] = []
+    dirs = source.values.get((INCLUDE, "directories"), ("", main))[0]
+    files = source.values.get((INCLUDE, "files"), ("", main))[0]
+    for d in filter(None, dirs.split(":")):
+        d = os.path.join(base, d)
+        if os.path.isdir(d):
+            paths += [os.path.join(d, n) for n in sorted(os.listdir(d))
+                      if n.endswith(".conf") and not n.startswith(".")
+                      and os.path.isfile(os.path.join(d, n))]
+    paths += [os.path.join(base, f) for f in filter(None, files.split(":"))]
+    return paths
+
+
+def load(path: str) -> Config:
+    """Read `path` (and its includes) and validate everything, or raise ConfigError."""
+    source = _Source()
+    source.read(path)
+    for extra in _include_paths(source, path):
+        source.read(extra)
+    return build(source.values, source.order, path)
+
+
+def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
+          order: List[Tuple[str, str]], path: str) -> Config:
+    """Validate raw (section, key) -> (text, file) values into a Config."""
+    warnings: List[str] = []
+    converted: Dict[Tuple[str, str], Any] = {}
+    public_keys: List[Tuple[str, str]] = []
+    template_data: Dict[str, str] = {}
+    for section, key in order:
+        text, origin = values[(section, key)]
+        if (section, key) in KEY_TABLE:
+            try:
+                converted[(section, key)] = KEY_TABLE[(section, key)].convert(text)
+            except ValueError as e:
+                raise ConfigError(origin, section, key, str(e)) from None
+        elif section == "public-keys":
+            if not text:
+                raise ConfigError(origin, section, key, "empty key")
+            public_keys.append((key, text))
+        elif section == "template-data":
+            if key == "_config_items_":
+                template_data.update(_config_items(text, values, origin))
+            elif key in RESERVED_TEMPLATE_NAMES:
+                raise ConfigError(origin, section, key,
+                                  "shadows a name mdserver gives every template")
+            else:
+                template_data[key] = text
+        elif section == INCLUDE and key in ("files", "directories"):
+            pass
+        elif (section, key) in LEGACY_KEYS or section in LEGACY_SECTIONS:
+            warnings.append(f"{origin}: [{section}] {key}: md_server 0.6 setting "
+                            "not used by mdserver; ignored")
+        elif section in ("mdserver", "dnsmasq", INCLUDE):
+            raise ConfigError(origin, section, key, "unknown key")
+        else:
+            raise ConfigError(origin, section, "", "unknown section")
+
+    def get(section: str, name: str) -> Any:
+        if (section, name) not in converted:
+            converted[(section, name)] = KEY_TABLE[(section, name)].convert(
+                KEY_TABLE[(section, name)].default)
+        return converted[(section, name)]
+
+    def origin(section: str, key: str) -> str:
+        return values.get((section, key), ("", path))[1]
+
+    base = os.path.dirname(os.path.abspath(path))
+    md = {k.name: get("mdserver", k.name) for k in KEYS if k.section == "mdserver"}
+    for key in ("userdata_dir", "db_file", "logfile", "token_key_file"):
+        if md[key]:
+            md[key] = os.path.join(base, md[key])
+    if md["default_template"]:
+        md["default_template"] = os.path.join(md["userdata_dir"], md["default_template"])
+    if not md["token_key_file"]:
+        md["token_key_file"] = os.path.join(os.path.dirname(md["db_file"]), "imds-token.key")
+    if md["region"] is None:
+        md["region"] = md["availability_zone"][:-1]
+    dn = {k.name: get("dnsmasq", k.name) for k in KEYS if k.section == "dnsmasq"}
+    dn["base_dir"] = os.path.join(base, dn["base_dir"])
+    dnsmasq = DnsmasqSection(**dn)
+    _check_network(dnsmasq, origin)
+    return Config(
+        mdserver=MdserverSection(**md),
+        dnsmasq=dnsmasq,
+        public_keys=tuple(public_keys),
+        template_data=MappingProxyType(template_data),
+        path=path,
+        warnings=tuple(warnings),
+    )
+
+
+def _config_items(text: str, values: Mapping, origin: str) -> Dict[str, str]:
+    # md_server 0.6: "_config_items_ = 'dnsmasq.prefix,dnsmasq.domain'" copies
+    # those settings into the template namespace under their bare key name.
+    out = {}
+    for item in filter(None, (i.strip() for i in text.strip("'\"").split(","))):
+        section, _, key = item.partition(".")
+        if not key:
+            raise ConfigError(origin, "template-data", "_config_items_",
+                              f"{item!r} is not section.key")
+        if (section, key) in values:
+            out[key] = values[(section, key)][0]
+        elif (section, key) in KEY_TABLE:
+            out[key] = KEY_TABLE[(section, key)].default
+        else:
+            raise ConfigError(origin, "template-data", "_config_items_",
+                              f"{item!r} is not a known setting")
+    return out
+
+
+def _check_network(dn: DnsmasqSection, origin: Callable[[str, str], str]) -> None:
+    try:
+        net = ipaddress.IPv4Network(f"{dn.net_address}/{dn.net_prefix}")
+    except ValueError:
+        raise ConfigError(origin("dnsmasq", "net_address"), "dnsmasq", "net_address",
+                          f"{dn.net_address} is not the network address of a "
+                          f"/{dn.net_prefix}") from None
+    gw = ipaddress.IPv4Address(dn.gateway)
+    if gw not in net or gw in (net.network_address, net.broadcast_address):
+        raise ConfigError(origin("dnsmasq", "gateway"), "dnsmasq", "gateway",
+                          f"{dn.gateway} is not a host address of {net}")
+
+
+def render_sample() -> str:
+    """The documented default configuration file, generated from KEYS."""
+    out = ["# mdserver configuration. Every key is shown with its default value.",
+           "# Values are read as md_server 0.6 read them: write a literal $ as $$,",
+           "# ${section:key} refers to another value.", ""]
+    for section in ("mdserver", "dnsmasq"):
+        out.append(f"[{section}]")
+        for k in (k for k in KEYS if k.section == section):
+            out += ["# " + line if line else "#" for line in k.doc.split("\n")]
+            out += [f"# {k.name} = {k.default}".rstrip(), ""]
+        if section == "mdserver":
+            out += [
+                "[public-keys]",
+                "# name = ssh public key. Every key is served to every guest and given",
+                "# to templates as public_key_<name>.",
+                "# default = ssh-ed25519 AAAA... admin@host",
+                "",
+                "[template-data]",
+                "# key = value pairs given to every user-data template.",
+                "# _config_items_ = dnsmasq.domain  copies that setting in as 'domain'.",
+                "# foo = bar",
+                "",
+            ]
+    out += ["[_include_]",
+            "# Colon-separated lists; directories' *.conf files are read in name",
+            "# order, then the files; later values win.",
+            "# directories = /etc/mdserver/mdserver.conf.d",
+            "# files =", ""]
+    return "\n".join(out)

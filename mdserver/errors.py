@@ -1,0 +1,54 @@
+"""One exception type per failure, so callers map each to exactly one outcome."""
+
+
+class MdserverError(Exception):
+    """Base of every error mdserver raises on purpose."""
+
+
+class ConfigError(MdserverError):
+    """The configuration file is unreadable, has a bad value or contradicts itself."""
+
+    def __init__(self, path: str, section: str, key: str, message: str):
+        self.path, self.section, self.key = path, section, key
+        where = f"[{section}] {key}" if key else f"[{section}]" if section else ""
+        super().__init__(f"{path}: {where}: {message}" if where else f"{path}: {message}")
+
+
+class NotFound(MdserverError):
+    """No such instance, path or template."""
+
+
+class UnknownGuest(NotFound):
+    """The requesting address belongs to no registered instance."""
+
+
+class Forbidden(MdserverError):
+    """The caller may not do this (wrong source address, PUT on a dated path...)."""
+
+
+class Unauthorized(MdserverError):
+    """An IMDSv2 token is missing (when required), invalid or expired."""
+
+
+class BadRequest(MdserverError):
+    """The request itself is malformed (bad TTL header, bad body...)."""
+
+
+class BadDomainXML(BadRequest):
+    """A libvirt domain XML document cannot be used."""
+
+
+class PoolExhausted(MdserverError):
+    """No free address is left in the configured network."""
+
+
+class StoreCorrupt(MdserverError):
+    """The instance database on disk cannot be read."""
+
+
+class StoreLocked(MdserverError):
+    """Another process already holds the instance database for writing."""
+
+
+class TemplateError(MdserverError):
+    """A user-data template failed to render or rendered to invalid cloud-config."""

@@ -1,0 +1,68 @@
+"""Plain records: an instance and its per-instance settings, with their DB form."""
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping, Optional, Tuple
+
+# Version of the on-disk record layout; bump it with a converter in store.py.
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    """What the domain's own <metadata> asks of mdserver (all optional)."""
+
+    template: Optional[str] = None
+    hostname: Optional[str] = None
+    ssh_keys: Tuple[str, ...] = ()
+    password: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InstanceSettings":
+        return cls(
+            template=d.get("template"),
+            hostname=d.get("hostname"),
+            ssh_keys=tuple(d.get("ssh_keys") or ()),
+            password=d.get("password"),
+        )
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One registered libvirt domain, keyed by its UUID."""
+
+    uuid: str
+    name: str
+    mac: str
+    ipv4: str
+    hostname: str
+    first_seen: float
+    last_seen: float
+    arch: str = "x86_64"
+    settings: InstanceSettings = field(default_factory=InstanceSettings)
+
+    @property
+    def instance_id(self) -> str:
+        # Stable per domain: cloud-init re-runs first-boot setup when it changes.
+        return "i-" + self.uuid.replace("-", "")[:17]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["settings"]["ssh_keys"] = list(self.settings.ssh_keys)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Instance":
+        return cls(
+            uuid=d["uuid"],
+            name=d["name"],
+            mac=d["mac"],
+            ipv4=d["ipv4"],
+            hostname=d["hostname"],
+            first_seen=float(d["first_seen"]),
+            last_seen=float(d["last_seen"]),
+            arch=d.get("arch", "x86_64"),
+            settings=InstanceSettings.from_dict(d.get("settings") or {}),
+        )
+
+    def updated(self, **changes: Any) -> "Instance":
+        return replace(self, **changes)

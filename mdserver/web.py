@@ -1,0 +1,121 @@
+"""Bottle apps: the guest-facing metadata app. The only module that imports bottle's app side."""
+
+import logging
+from typing import Callable, Iterable
+
+from bottle import Bottle, HTTPError, HTTPResponse, request
+
+from mdserver.errors import (BadRequest, Forbidden, MdserverError, NotFound, PoolExhausted,
+                             StoreLocked, TemplateError, Unauthorized)
+from mdserver.metadata import VERSION_LISTING
+from mdserver.service import MetadataService
+
+log = logging.getLogger(__name__)
+access = logging.getLogger("mdserver.access")
+
+TEXT = "text/plain"
+STATUS = (  # most specific first
+    (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (BadRequest, 400),
+    (PoolExhausted, 503), (StoreLocked, 503), (TemplateError, 500),
+)
+TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"
+TTL_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS"
+
+
+def status_of(error: MdserverError) -> int:
+    for kind, status in STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def error_response(error: MdserverError) -> HTTPResponse:
+    """One plain-text line for the guest, one log line for the admin."""
+    status = status_of(error)
+    env = request.environ
+    level = logging.ERROR if status >= 500 else logging.INFO
+    log.log(level, "%d %s %s from %s: %s", status, env.get("REQUEST_METHOD"),
+            env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error)
+    # The guest learns what is wrong, not why: template errors stay in the log.
+    reason = "template error" if status == 500 else str(error)
+    return HTTPResponse(f"{reason}\n", status, {"Content-Type": TEXT})
+
+
+def _plain_error(res: HTTPError) -> str:
+    # Bottle's own 404/405 pages are HTML; guests get one plain line.
+    from bottle import response
+    response.set_header("Content-Type", TEXT)
+    if res.status_code >= 500:
+        log.error("%s %s: %s", request.method, request.path, res.exception or res.body)
+        return "internal error\n"
+    return f"{res.status_line.split(' ', 1)[1]}\n"
+
+
+def metadata_app(service: MetadataService, access_log: bool = False) -> Callable:
+    """The WSGI app guests talk to, identified by their TCP source address only."""
+    app = Bottle(catchall=True)
+    app.default_error_handler = _plain_error
+
+    @app.get("/")
+    def versions():
+        return HTTPResponse(VERSION_LISTING, 200, {"Content-Type": TEXT})
+
+    @app.put("/<version>/api/token")
+    def token(version):
+        env = request.environ
+        try:
+            value, ttl = service.issue_token(
+                env["REMOTE_ADDR"], version, env.get(TTL_HEADER),
+                forwarded="HTTP_X_FORWARDED_FOR" in env)
+        except MdserverError as e:
+            return error_response(e)
+        return HTTPResponse(value, 200, {"Content-Type": TEXT,
+                                         "X-Aws-Ec2-Metadata-Token-Ttl-Seconds": str(ttl)})
+
+    @app.get("/<version>/api/token")
+    def token_get(version):
+        return HTTPResponse("Method Not Allowed\n", 405, {"Allow": "PUT", "Content-Type": TEXT})
+
+    @app.get("/<version>")
+    @app.get("/<version>/")
+    @app.get("/<version>/<path:path>")
+    def content(version, path=""):
+        env = request.environ
+        ip = env["REMOTE_ADDR"]  # never X-Forwarded-For: a guest could claim any identity
+        try:
+            left = service.check_token(ip, env.get(TOKEN_HEADER))
+            if path == "user-data":
+                body = service.guest_userdata(ip, version)
+                ctype = "application/octet-stream"
+            else:
+                body = service.lookup(ip, version, path)
+                ctype = TEXT
+        except MdserverError as e:
+            return error_response(e)
+        headers = {"Content-Type": ctype}
+        if left is not None:
+            headers["X-Aws-Ec2-Metadata-Token-Ttl-Seconds"] = str(left)
+        return HTTPResponse(body, 200, headers)
+
+    return with_access_log(app) if access_log else app
+
+
+def with_access_log(app: Callable) -> Callable:
+    """One info line per request: who, what, status, whether a token came with it.
+    Never the token itself or any body."""
+
+    def logged(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        seen = []
+
+        def capture(status, headers, exc_info=None):
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        result = app(environ, capture)
+        access.info("%s %s %s %s token=%s", environ.get("REMOTE_ADDR"),
+                    environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                    seen[0].split(" ", 1)[0] if seen else "-",
+                    "yes" if TOKEN_HEADER in environ else "no")
+        return result
+
+    return logged

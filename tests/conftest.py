@@ -1,0 +1,70 @@
+"""Shared fixtures: configs in temp dirs, instances, privileged-test gating."""
+
+import os
+import shutil
+import time
+
+import pytest
+
+from mdserver import config
+from mdserver.models import Instance, InstanceSettings
+
+# .ci/run sets this: a test that needs root or namespaces then fails instead
+# of skipping, so CI always runs it.
+REQUIRE_PRIVILEGED = os.environ.get("MDSERVER_REQUIRE_PRIVILEGED") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (or, under MDSERVER_REQUIRE_PRIVILEGED=1, fail) unless `condition`."""
+    if condition:
+        return
+    if REQUIRE_PRIVILEGED:
+        pytest.fail(f"required in CI but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def need_root() -> None:
+    need(os.geteuid() == 0 and shutil.which("ip") is not None,
+         "needs root and iproute2 for network namespaces")
+
+
+def write_config(directory, body: str = "", **mdserver_keys) -> str:
+    """A config file in `directory` whose state lives there too."""
+    lines = ["[mdserver]", f"db_file = {directory}/db.json",
+             f"userdata_dir = {directory}/userdata"]
+    lines += [f"{k} = {v}" for k, v in mdserver_keys.items()]
+    path = os.path.join(str(directory), "mdserver.conf")
+    os.makedirs(os.path.join(str(directory), "userdata"), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + body)
+    return path
+
+
+def make_instance(n: int = 1, ipv4: str = "", **changes) -> Instance:
+    fields = dict(
+        uuid=f"ec2{n:05x}-aaaa-4bbb-8ccc-{n:012x}",
+        name=f"vm{n}",
+        mac=f"52:54:00:00:{n >> 8 & 0xff:02x}:{n & 0xff:02x}",
+        ipv4=ipv4 or f"10.122.{n >> 8 & 0xff}.{n & 0xff}",
+        hostname=f"vm{n}",
+        first_seen=1700000000.0,
+        last_seen=1700000000.0,
+        settings=InstanceSettings(),
+    )
+    fields.update(changes)
+    return Instance(**fields)
+
+
+@pytest.fixture
+def conf_path(tmp_path):
+    return write_config(tmp_path, "[public-keys]\nadmin = ssh-ed25519 AAAAC3Nza admin@host\n")
+
+
+@pytest.fixture
+def cfg(conf_path):
+    return config.load(conf_path)
+
+
+@pytest.fixture
+def now():
+    return time.time()
