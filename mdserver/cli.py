@@ -30,14 +30,11 @@ def build_service(cfg: configmod.Config, store: Store) -> MetadataService:
     return MetadataService(cfg, store, signer, templates)
 
 
-def build_app(config_path: str):
-    """Everything a server worker needs, from the config file path alone
-    (so it can run in a worker process)."""
+def build_app(cfg: configmod.Config):
+    """The guest-facing WSGI app with its store (runs in the server worker)."""
     from mdserver import web
-    cfg = configmod.load(config_path)
     store = Store(cfg.mdserver.db_file)
-    service = build_service(cfg, store)
-    return web.metadata_app(service, access_log=cfg.mdserver.access_log)
+    return web.metadata_app(build_service(cfg, store), access_log=cfg.mdserver.access_log)
 
 
 # -- the daemon -------------------------------------------------------------
@@ -60,11 +57,14 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
     for warning in cfg.warnings:
         log.warning("%s", warning)
-    if args.demo:
-        register_demo(cfg)
-    from mdserver import server
     try:
-        return server.run(cfg, path)
+        # Read the database once here so a corrupt or locked one stops start-up
+        # with one line, before any worker exists.
+        Store(cfg.mdserver.db_file).close()
+        if args.demo:
+            register_demo(cfg)
+        from mdserver import server
+        return server.run(cfg, build_app)
     except MdserverError as e:
         log.error("%s", e)
         return 1

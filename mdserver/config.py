@@ -5,7 +5,6 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mdserver.errors import ConfigError
@@ -197,8 +196,8 @@ KEYS: Tuple[Key, ...] = (
     Key("mdserver", "ami_id", _text, "ami-00000000", "ami-id and the identity document's imageId."),
     Key("mdserver", "access_log", _bool, "no",
         "Log one line per request at info level (costs throughput)."),
-    Key("mdserver", "workers", _int_range(1, 64), "1",
-        "Server worker threads that run the application."),
+    Key("mdserver", "threads", _int_range(1, 64), "4",
+        "Threads that run the application (the server's I/O needs none of them)."),
     Key("mdserver", "backlog", _int_range(16, 65535), "1024", "Listen backlog."),
     Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
         "Directory for the generated dnsmasq configuration."),
@@ -239,7 +238,7 @@ class MdserverSection:
     instance_type: str
     ami_id: str
     access_log: bool
-    workers: int
+    threads: int
     backlog: int
 
 
@@ -268,7 +267,7 @@ class Config:
     mdserver: MdserverSection
     dnsmasq: DnsmasqSection
     public_keys: Tuple[Tuple[str, str], ...]
-    template_data: Mapping[str, str]
+    template_data: Tuple[Tuple[str, str], ...]  # ordered pairs: picklable, immutable
     path: str = ""
     warnings: Tuple[str, ...] = field(default=(), compare=False)
 
@@ -412,7 +411,7 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
         mdserver=MdserverSection(**md),
         dnsmasq=dnsmasq,
         public_keys=tuple(public_keys),
-        template_data=MappingProxyType(template_data),
+        template_data=tuple(template_data.items()),
         path=path,
         warnings=tuple(warnings),
     )

@@ -1,6 +1,7 @@
 """The INI reader: md_server 0.6 compatibility, defaults, and one-line errors."""
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -183,7 +184,8 @@ def test_config_is_frozen(cfg):
     with pytest.raises(AttributeError):
         cfg.mdserver.port = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
-        cfg.template_data["x"] = "y"  # type: ignore[index]
+        cfg.template_data[0] = ("x", "y")  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # crosses into the server worker
 
 
 def run_cli(*args):

@@ -1,0 +1,176 @@
+"""The real daemon process: guests told apart by source address, signals, readiness."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import make_instance, write_config
+from daemon import Daemon, free_port, request
+from mdserver.store import Store
+
+G1, G2, STRANGER = "127.0.0.5", "127.0.0.6", "127.0.0.9"
+KEY = "ssh-ed25519 AAAAC3Nza admin@host"
+TTL = {"X-aws-ec2-metadata-token-ttl-seconds": "300"}
+
+
+def prepare(tmp_path, **md):
+    port = free_port()
+    path = write_config(tmp_path, f"[public-keys]\nadmin = {KEY}\n",
+                        listen_address="127.0.0.1", port=port, **md)
+    store = Store(str(tmp_path / "db.json"))
+    store.put(make_instance(1, ipv4=G1))
+    store.put(make_instance(2, ipv4=G2))
+    store.close()
+    return path, port
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started = []
+
+    def start(env=None, **md):
+        path, port = prepare(tmp_path, **md)
+        d = Daemon(path, "127.0.0.1", port, env=env)
+        started.append(d)
+        return d.wait_ready()
+    yield start
+    for d in started:
+        d.stop()
+
+
+def get(d, path, source, headers=None):
+    return request(d.host, d.port, "GET", path, source=source, headers=headers)
+
+
+def test_guests_are_told_apart_by_source_address(daemon):
+    d = daemon()
+    one = get(d, "/latest/meta-data/instance-id", G1)
+    two = get(d, "/latest/meta-data/instance-id", G2)
+    assert one[0] == two[0] == 200
+    assert one[2] == make_instance(1).instance_id and two[2] == make_instance(2).instance_id
+    assert get(d, "/latest/meta-data/local-ipv4", G2)[2] == G2
+    status, _, body = get(d, "/latest/meta-data/instance-id", STRANGER)
+    assert status == 404 and body.count("\n") == 1
+    # a claimed identity changes nothing
+    assert get(d, "/latest/meta-data/local-ipv4", STRANGER,
+               {"X-Forwarded-For": G1})[0] == 404
+
+
+def test_token_from_one_guest_fails_for_another(daemon):
+    d = daemon()
+    status, _, token = request(d.host, d.port, "PUT", "/latest/api/token", G1, TTL)
+    assert status == 200
+    hdr = {"X-aws-ec2-metadata-token": token}
+    assert get(d, "/latest/meta-data/instance-id", G1, hdr)[0] == 200
+    assert get(d, "/latest/meta-data/instance-id", G2, hdr)[0] == 401
+
+
+def test_token_survives_a_restart(tmp_path):
+    path, port = prepare(tmp_path)
+    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    token = request(d.host, d.port, "PUT", "/latest/api/token", G1, TTL)[2]
+    assert d.stop() == 0
+    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    try:
+        assert get(d, "/latest/meta-data/instance-id", G1,
+                   {"X-aws-ec2-metadata-token": token})[0] == 200
+    finally:
+        d.stop()
+
+
+def test_idle_and_slow_clients_do_not_stall_others(daemon):
+    d = daemon()
+    idle = []
+    try:
+        for _ in range(40):  # connected, silent
+            idle.append(socket.create_connection((d.host, d.port)))
+        for _ in range(10):  # half a request, never finished
+            s = socket.create_connection((d.host, d.port))
+            s.sendall(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n")
+            idle.append(s)
+        started = time.monotonic()
+        for _ in range(20):
+            assert get(d, "/latest/meta-data/instance-id", G1)[0] == 200
+        assert time.monotonic() - started < 5  # functional bound, generous
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_garbage_never_crashes_the_daemon(daemon):
+    d = daemon()
+    for payload in (b"\x00\xff" * 100 + b"\r\n\r\n", b"GET " + b"/a" * 40000 + b" HTTP/1.1\r\n\r\n",
+                    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n", b"PUT /latest/api/token"):
+        with socket.create_connection((d.host, d.port), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                s.recv(1024)
+            except OSError:
+                pass
+    assert get(d, "/latest/meta-data/instance-id", G1)[0] == 200
+    assert d.proc.poll() is None
+
+
+def test_sigterm_stops_gracefully(daemon):
+    d = daemon()
+    assert d.stop() == 0
+    with pytest.raises(OSError):
+        socket.create_connection((d.host, d.port), timeout=1).close()
+
+
+def test_sighup_reopens_the_log_file(daemon, tmp_path):
+    logfile = tmp_path / "mdserver.log"
+    d = daemon(logfile=str(logfile), access_log="yes")
+    get(d, "/latest/meta-data/instance-id", G1)
+    rotated = tmp_path / "mdserver.log.1"
+    deadline = time.monotonic() + 5
+    while "GET /latest/meta-data/instance-id" not in logfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.rename(logfile, rotated)
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not logfile.exists() or G2 not in logfile.read_text():
+        assert time.monotonic() < deadline, d.output()
+        get(d, "/latest/meta-data/local-ipv4", G2)
+        time.sleep(0.1)
+    assert d.proc.poll() is None  # SIGHUP did not stop it
+
+
+def test_systemd_readiness_and_stopping(daemon, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+    try:
+        d = daemon(env={"NOTIFY_SOCKET": path})
+        assert sock.recv(256) == b"READY=1"
+        # READY=1 came once the listener answers
+        assert get(d, "/latest/meta-data/instance-id", G1)[0] == 200
+        d.proc.send_signal(signal.SIGTERM)
+        assert sock.recv(256) == b"STOPPING=1"
+        assert d.proc.wait(10) == 0
+    finally:
+        sock.close()
+
+
+def test_corrupt_database_stops_startup_with_one_line(tmp_path):
+    path, port = prepare(tmp_path)
+    (tmp_path / "db.json").write_text("{broken")
+    d = Daemon(path, "127.0.0.1", port)
+    assert d.proc.wait(20) == 1
+    out = d.output().strip().splitlines()
+    assert len(out) == 1 and "db.json" in out[0]
+    assert (tmp_path / "db.json").read_text() == "{broken"
+
+
+def test_second_daemon_on_same_database_refuses(daemon, tmp_path):
+    d = daemon()
+    other = Daemon(str(tmp_path / "mdserver.conf"), "127.0.0.1", d.port)
+    assert other.proc.wait(20) == 1
+    assert "in use" in other.output()
+    assert get(d, "/latest/meta-data/instance-id", G1)[0] == 200
