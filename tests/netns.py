@@ -1,0 +1,64 @@
+"""Network namespaces for tests: a host side with the mds bridge, guests on veth pairs.
+
+Every name carries the `mdt` prefix and a random part, and everything is
+deleted on exit, even when a test fails.
+"""
+
+import os
+import subprocess
+from typing import List, Optional
+
+PREFIX = "mdt"
+
+
+def ip(*args: str, netns: Optional[str] = None) -> str:
+    cmd = ["ip"] + (["-n", netns] if netns else []) + list(args)
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+class Lab:
+    """A host namespace with bridge 10.122.0.1/16 + 169.254.169.254/32, and guests."""
+
+    def __init__(self, gateway: str = "10.122.0.1/16",
+                 metadata_address: str = "169.254.169.254/32"):
+        tag = os.urandom(3).hex()
+        self.tag = tag
+        self.host = f"{PREFIX}-h-{tag}"
+        self.bridge = f"{PREFIX}br{tag}"
+        self.gateway = gateway.split("/")[0]
+        self.namespaces: List[str] = []
+        self._add_ns(self.host)
+        ip("link", "set", "lo", "up", netns=self.host)
+        ip("link", "add", self.bridge, "type", "bridge", netns=self.host)
+        ip("addr", "add", gateway, "dev", self.bridge, netns=self.host)
+        ip("addr", "add", metadata_address, "dev", self.bridge, netns=self.host)
+        ip("link", "set", self.bridge, "up", netns=self.host)
+
+    def _add_ns(self, name: str) -> None:
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+
+    def guest(self, index: int, mac: str, address: Optional[str] = None) -> str:
+        """A guest namespace whose eth0 has `mac` (and `address`/16 if given)."""
+        ns = f"{PREFIX}-g{index}-{self.tag}"
+        self._add_ns(ns)
+        outer = f"{PREFIX}v{index}{self.tag}"
+        ip("link", "add", outer, "netns", self.host, "type", "veth", "peer", "name", "eth0",
+           "netns", ns)
+        ip("link", "set", outer, "master", self.bridge, "up", netns=self.host)
+        ip("link", "set", "eth0", "address", mac, netns=ns)
+        ip("link", "set", "lo", "up", netns=ns)
+        ip("link", "set", "eth0", "up", netns=ns)
+        if address:
+            ip("addr", "add", f"{address}/16", "dev", "eth0", netns=ns)
+            ip("route", "add", "default", "via", self.gateway, netns=ns)
+        return ns
+
+    def close(self) -> None:
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+
+
+def exec_in(ns: str, cmd: List[str]) -> List[str]:
+    return ["ip", "netns", "exec", ns] + cmd
