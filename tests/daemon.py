@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,10 +35,10 @@ class Daemon:
     """`python -m mdserver CONFIG` as a child process of the test."""
 
     def __init__(self, config_path: str, host: str, port: int, env: Optional[Dict] = None,
-                 netns: Optional[str] = None):
+                 netns: Optional[str] = None, args: Optional[List[str]] = None):
         self.host, self.port = host, port
         self.log_path = config_path + ".stderr"
-        cmd = [sys.executable, "-m", "mdserver", config_path]
+        cmd = [sys.executable, "-m", "mdserver"] + (args or [config_path])
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
         self.log = open(self.log_path, "wb")

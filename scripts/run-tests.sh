@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian/Ubuntu, as root) and run them all.
+#   sudo ./scripts/run-tests.sh [pytest args...]
+# Tests that need root/namespaces skip when unprivileged, unless
+# MDSERVER_REQUIRE_PRIVILEGED=1 (set in CI), which makes them fail instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "run-tests: $*" >&2; exit 1; }
+
+apt_packages=(iproute2 ca-certificates)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
+    missing=()
+    for p in "${apt_packages[@]}" cloud-init python3-venv; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "run-tests: installing ${missing[*]}"
+        apt-get update -qq || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    fi
+    if [ "$had_cloud_init" = 0 ] && [ -d /etc/cloud ] && [ ! -e /etc/cloud/cloud-init.disabled ]; then
+        # The tests only import cloud-init's code; keep it from acting on this
+        # host at its next boot.
+        touch /etc/cloud/cloud-init.disabled
+        echo "run-tests: cloud-init installed for its code only; disabled on this host" \
+             "(/etc/cloud/cloud-init.disabled)"
+    fi
+else
+    echo "run-tests: not root or no apt-get: using what is installed" >&2
+fi
+
+python=${PYTHON:-python3}
+venv=${MDSERVER_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv" || die "cannot create a virtual environment with $python"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$venv/bin/python" -m pip install -q -e ".[test]" || die "pip install failed"
+exec "$venv/bin/python" -m pytest "$@"

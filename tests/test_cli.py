@@ -1,0 +1,76 @@
+"""mdserverctl and the daemon's command line, run as real commands."""
+
+import subprocess
+import sys
+
+import yaml
+
+from conftest import make_instance, write_config
+from daemon import ROOT, Daemon, free_port, request
+from mdserver.store import Store
+
+
+def ctl(*args):
+    return subprocess.run([sys.executable, "-c",
+                           "import sys; from mdserver.cli import ctl_main; "
+                           "sys.exit(ctl_main(sys.argv[1:]))", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def setup(tmp_path, **md):
+    path = write_config(tmp_path, "[public-keys]\nadmin = ssh-ed25519 AAAAC3Nza admin@host\n",
+                        **md)
+    store = Store(str(tmp_path / "db.json"))
+    store.put(make_instance(1, ipv4="127.0.0.5"))
+    store.close()
+    return path
+
+
+def test_userdata_preview_by_name_and_ip(tmp_path):
+    path = setup(tmp_path)
+    for key in ("vm1", "127.0.0.5", make_instance(1).uuid, make_instance(1).mac):
+        r = ctl("-c", path, "userdata", key)
+        assert r.returncode == 0, r.stderr
+        assert yaml.safe_load(r.stdout)["hostname"] == "vm1"
+        assert "built-in" in r.stderr
+
+
+def test_userdata_reports_invalid_yaml_with_line(tmp_path):
+    path = setup(tmp_path)
+    (tmp_path / "userdata" / "vm1.yaml").write_text("#cloud-config\na: 1\nb: [\n")
+    r = ctl("-c", path, "userdata", "vm1")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "vm1.yaml" in r.stderr and "line 4" in r.stderr
+
+
+def test_userdata_unknown_instance(tmp_path):
+    r = ctl("-c", setup(tmp_path), "userdata", "nope")
+    assert r.returncode == 1 and "no instance 'nope'" in r.stderr
+
+
+def test_userdata_works_while_the_daemon_runs(tmp_path):
+    port = free_port()
+    path = setup(tmp_path, listen_address="127.0.0.1", port=port)
+    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    try:
+        r = ctl("-c", path, "userdata", "vm1")
+        assert r.returncode == 0, r.stderr
+        served = request("127.0.0.1", port, "GET", "/latest/user-data", source="127.0.0.5")[2]
+        assert served == r.stdout
+    finally:
+        d.stop()
+
+
+def test_daemon_demo_mode(tmp_path):
+    state = tmp_path / "demo"
+    d = Daemon(str(tmp_path / "demo-run"), "127.0.0.1", 8169, args=["--demo", str(state)])
+    try:
+        d.wait_ready()
+        out = d.output()
+        assert "instance 'demo' is 127.0.0.1" in out
+        assert "curl http://127.0.0.1:8169/latest/meta-data/" in out
+        status, _, body = request("127.0.0.1", 8169, "GET", "/latest/meta-data/local-ipv4")
+        assert (status, body) == (200, "127.0.0.1")
+    finally:
+        d.stop()
+    assert (state / "db.json.journal").exists()
