@@ -38,13 +38,32 @@ def sd_notify(message: str, environ=os.environ) -> bool:
     return True
 
 
+def on_sighup(action: Callable[[], None]) -> None:
+    """Run `action` on every SIGHUP, in a thread of its own.
+
+    SIGHUP is blocked in the calling thread and so in every thread started
+    after it; one thread takes it with sigwait(). A Python-level handler is
+    not enough here: the kernel may deliver the signal to a native server
+    thread while the main thread sits in a blocking wait, and the handler
+    would then not run until something else wakes it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+    def loop():
+        while True:
+            signal.sigwait({signal.SIGHUP})
+            try:
+                action()
+            except Exception:  # a failed reopen must not end the loop
+                log.exception("SIGHUP handling failed")
+
+    threading.Thread(target=loop, daemon=True, name="sighup").start()
+
+
 def _worker_app(cfg: Config, ready_fd: int, build: Callable[[Config], Callable]):
     """Runs in the worker process: logging, the app, then a byte on `ready_fd`."""
     handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
-    if handler is not None:
-        signal.signal(signal.SIGHUP, lambda *_: handler.reopen())
-    else:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    on_sighup(handler.reopen if handler is not None else (lambda: None))
     app = build(cfg)
     os.write(ready_fd, b"R")
     return app
@@ -73,25 +92,25 @@ def run(cfg: Config, build: Callable[[Config], Callable]) -> int:
     )
     # granian's constructor reconfigures logging; put ours back.
     file_handler = logs.setup(md.loglevel, md.logfile)
-    read_fd, write_fd = os.pipe()
-    address = f"{md.listen_address}:{md.port}"
-    threading.Thread(target=_relay_readiness, args=(read_fd, address), daemon=True,
-                     name="readiness").start()
-
-    def on_hup(*_):
-        # logrotate: reopen here and in the worker (which owns the app's logging);
-        # never granian's default of respawning the worker.
+    def reopen_everywhere():
+        # logrotate: reopen here and in the worker (which owns the app's
+        # logging); never granian's default of respawning the worker.
         if file_handler is not None:
             file_handler.reopen()
         for child in multiprocessing.active_children():
             os.kill(child.pid, signal.SIGHUP)
+
+    on_sighup(reopen_everywhere)  # first, so every later thread blocks SIGHUP
+    read_fd, write_fd = os.pipe()
+    address = f"{md.listen_address}:{md.port}"
+    threading.Thread(target=_relay_readiness, args=(read_fd, address), daemon=True,
+                     name="readiness").start()
 
     def on_stop(*_):
         sd_notify("STOPPING=1")
         server.signal_handler_interrupt()
 
     def install_handlers():
-        signal.signal(signal.SIGHUP, on_hup)
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
 
