@@ -196,9 +196,16 @@ KEYS: Tuple[Key, ...] = (
     Key("mdserver", "ami_id", _text, "ami-00000000", "ami-id and the identity document's imageId."),
     Key("mdserver", "access_log", _bool, "no",
         "Log one line per request at info level (costs throughput)."),
-    Key("mdserver", "threads", _int_range(1, 64), "4",
-        "Threads that run the application (the server's I/O needs none of them)."),
-    Key("mdserver", "backlog", _int_range(16, 65535), "1024", "Listen backlog."),
+    Key("mdserver", "threads", _int_range(1, 64), "2",
+        "Python threads that run the application. The server's I/O is native and\n"
+        "needs none; more threads only contend for the GIL (docs/server-choice.md)."),
+    Key("mdserver", "max_connections", _int_range(64, 1048576), "4096",
+        "Open guest connections served at once, idle ones included; needs as many\n"
+        "file descriptors (LimitNOFILE)."),
+    Key("mdserver", "header_timeout", _int_range(1, 300), "5",
+        "Seconds a connection may take to send its request headers (and may sit\n"
+        "idle between requests) before it is closed."),
+    Key("mdserver", "backlog", _int_range(128, 65535), "1024", "Listen backlog."),
     Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
         "Directory for the generated dnsmasq configuration."),
     Key("dnsmasq", "user", _text, "mdserver", "User dnsmasq runs as (so mdserver can signal it)."),
@@ -239,6 +246,8 @@ class MdserverSection:
     ami_id: str
     access_log: bool
     threads: int
+    max_connections: int
+    header_timeout: int
     backlog: int
 
 

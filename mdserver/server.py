@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from functools import partial
 from typing import Callable
 
@@ -60,38 +61,49 @@ def on_sighup(action: Callable[[], None]) -> None:
     threading.Thread(target=loop, daemon=True, name="sighup").start()
 
 
-def _worker_app(cfg: Config, ready_fd: int, build: Callable[[Config], Callable]):
-    """Runs in the worker process: logging, the app, then a byte on `ready_fd`."""
+def _worker_app(cfg: Config, build: Callable[[Config], Callable]):
+    """Runs in the worker process: its logging, then the app."""
     handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
     on_sighup(handler.reopen if handler is not None else (lambda: None))
-    app = build(cfg)
-    os.write(ready_fd, b"R")
-    return app
+    return build(cfg)
 
 
-def _relay_readiness(read_fd: int, address: str) -> None:
-    """Main process: tell systemd READY=1 each time a worker has its app up
-    (NotifyAccess=main accepts only the main PID)."""
-    while os.read(read_fd, 1):
-        log.info("listening on %s", address)
+def _notify_when_listening(host: str, port: int, timeout: float = 60.0) -> None:
+    """READY=1 once a connection succeeds: the worker opens its listener only
+    after its app is built, so this means "serving". Sent from the main
+    process, which is what NotifyAccess=main accepts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            time.sleep(0.02)
+            continue
+        log.info("listening on %s:%d", host, port)
         sd_notify("READY=1")
+        return
+    log.error("not listening on %s:%d after %.0f s", host, port, timeout)
 
 
 def run(cfg: Config, build: Callable[[Config], Callable]) -> int:
     """Serve until SIGTERM/SIGINT. `build(cfg)` makes the WSGI app in the worker."""
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
 
     md = cfg.mdserver
     server = Server(
         "mdserver", address=md.listen_address, port=md.port, interface=Interfaces.WSGI,
-        workers=1, blocking_threads=md.threads, backlog=md.backlog, websockets=False,
-        log_dictconfig=GRANIAN_LOGGING, log_level=LogLevels(md.loglevel), log_access=False,
-        respawn_failed_workers=True,
+        http=HTTPModes.http1, workers=1, blocking_threads=md.threads,
+        backpressure=md.max_connections, backlog=md.backlog,
+        http1_settings=HTTP1Settings(header_read_timeout=md.header_timeout * 1000),
+        websockets=False, log_dictconfig=GRANIAN_LOGGING, log_level=LogLevels(md.loglevel),
+        log_access=False, respawn_failed_workers=True, workers_kill_timeout=10,
     )
     # granian's constructor reconfigures logging; put ours back.
     file_handler = logs.setup(md.loglevel, md.logfile)
+
     def reopen_everywhere():
         # logrotate: reopen here and in the worker (which owns the app's
         # logging); never granian's default of respawning the worker.
@@ -101,19 +113,17 @@ def run(cfg: Config, build: Callable[[Config], Callable]) -> int:
             os.kill(child.pid, signal.SIGHUP)
 
     on_sighup(reopen_everywhere)  # first, so every later thread blocks SIGHUP
-    read_fd, write_fd = os.pipe()
-    address = f"{md.listen_address}:{md.port}"
-    threading.Thread(target=_relay_readiness, args=(read_fd, address), daemon=True,
-                     name="readiness").start()
 
     def on_stop(*_):
         sd_notify("STOPPING=1")
         server.signal_handler_interrupt()
 
-    def install_handlers():
+    def on_startup():
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
+        threading.Thread(target=_notify_when_listening, args=(md.listen_address, md.port),
+                         daemon=True, name="readiness").start()
 
-    server.on_startup(install_handlers)
-    server.serve(target_loader=partial(_worker_app, cfg, write_fd, build), wrap_loader=False)
+    server.on_startup(on_startup)
+    server.serve(target_loader=partial(_worker_app, cfg, build), wrap_loader=False)
     return 0

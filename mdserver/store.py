@@ -156,7 +156,15 @@ class Store:
 
     def put(self, inst: Instance) -> None:
         """Add or replace the record with this UUID, durably."""
-        self._write({"op": "put", "instance": inst.to_dict()}, lambda: self._index(inst))
+        self.put_many([inst])
+
+    def put_many(self, instances: List[Instance]) -> None:
+        """Add or replace several records with one durable write (imports)."""
+        with self._lock:
+            self._append([{"op": "put", "instance": i.to_dict()} for i in instances])
+            for inst in instances:
+                self._index(inst)
+            self._maybe_compact()
 
     def remove(self, uuid: str) -> Instance:
         """Delete the record with this UUID, durably; NotFound if there is none."""
@@ -164,28 +172,23 @@ class Store:
             old = self._by_uuid.get(uuid)
             if old is None:
                 raise NotFound(f"no instance {uuid!r}")
-            self._append({"op": "del", "uuid": uuid})
+            self._append([{"op": "del", "uuid": uuid}])
             self._unindex(uuid)
             self._maybe_compact()
             return old
 
-    def _write(self, entry: dict, apply) -> None:
-        with self._lock:
-            self._append(entry)
-            apply()
-            self._maybe_compact()
-
-    def _append(self, entry: dict) -> None:
+    def _append(self, entries: List[dict]) -> None:
         if self._journal is None:
             raise StoreLocked(f"{self.path} is open read-only")
-        line = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        data = b"".join(json.dumps(e, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+                        for e in entries)
         created = self._journal.tell() == 0
-        self._journal.write(line)
+        self._journal.write(data)
         self._journal.flush()
         os.fsync(self._journal.fileno())
         if created:
             fsync_dir(os.path.dirname(os.path.abspath(self.journal_path)))
-        self._journal_entries += 1
+        self._journal_entries += len(entries)
 
     def _maybe_compact(self) -> None:
         if self._journal_entries >= max(MIN_COMPACT, len(self._by_uuid)):

@@ -138,3 +138,13 @@ def test_files_are_not_world_readable_after_compaction(tmp_path, monkeypatch):
 def test_journal_is_not_world_readable(db):
     db.put(make_instance(1))
     assert os.stat(db.journal_path).st_mode & 0o007 == 0
+
+
+def test_put_many_is_one_durable_batch(db):
+    db.put_many([make_instance(n) for n in range(1, 51)])
+    assert len(db) == 50
+    with open(db.journal_path) as f:
+        assert len(f.read().splitlines()) == 50
+    db2 = reopen(db)
+    assert len(db2) == 50
+    db2.close()
