@@ -295,7 +295,7 @@ class _Source:
         self.values: Dict[Tuple[str, str], Tuple[str, str]] = {}
         self.order: List[Tuple[str, str]] = []
 
-    def read(self, path: str) -> configparser.ConfigParser:
+    def read(self, path: str) -> None:
         # The md_server 0.6 reading: ExtendedInterpolation (so `$$` is a `$`
         # and ${section:key} refers), keys without value allowed, keys
         # lower-cased, later files win.
@@ -325,7 +325,6 @@ class _Source:
                 if (section, key) not in self.values:
                     self.order.append((section, key))
                 self.values[(section, key)] = ("" if value is None else value.strip(), path)
-        return parser
 
 
 def _one_line(e: Exception) -> str:

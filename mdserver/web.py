@@ -3,7 +3,7 @@
 import logging
 from typing import Callable, Iterable
 
-from bottle import Bottle, HTTPError, HTTPResponse, request
+from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from mdserver.errors import (BadRequest, Forbidden, MdserverError, NotFound, PoolExhausted,
                              StoreLocked, TemplateError, Unauthorized)
@@ -43,7 +43,6 @@ def error_response(error: MdserverError) -> HTTPResponse:
 
 def _plain_error(res: HTTPError) -> str:
     # Bottle's own 404/405 pages are HTML; guests get one plain line.
-    from bottle import response
     response.set_header("Content-Type", TEXT)
     if res.status_code >= 500:
         log.error("%s %s: %s", request.method, request.path, res.exception or res.body)
