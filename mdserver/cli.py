@@ -23,9 +23,10 @@ DEMO_PORT = 8169
 DEMO_UUID = "ec2de302-0000-4000-8000-000000000001"
 
 
-def build_service(cfg: configmod.Config, store: Store) -> MetadataService:
+def build_service(cfg: configmod.Config, store: Store,
+                  signer: Optional[TokenSigner] = None) -> MetadataService:
     md = cfg.mdserver
-    signer = TokenSigner(load_or_create_key(md.token_key_file))
+    signer = signer or TokenSigner(load_or_create_key(md.token_key_file))
     templates = Templates(md.userdata_dir, md.userdata_suffixes, md.default_template)
     return MetadataService(cfg, store, signer, templates)
 
@@ -145,10 +146,8 @@ def ctl_check_config(path: str) -> int:
 def ctl_userdata(config_path: str, key: str) -> int:
     cfg = configmod.load(config_path)
     store = Store(cfg.mdserver.db_file, writable=False)
-    md = cfg.mdserver
-    templates = Templates(md.userdata_dir, md.userdata_suffixes, md.default_template)
     # Preview only: no token key is read or created.
-    service = MetadataService(cfg, store, TokenSigner(os.urandom(32)), templates)
+    service = build_service(cfg, store, TokenSigner(os.urandom(32)))
     inst = store.find(key)
     try:
         path, text = service.userdata(inst)

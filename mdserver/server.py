@@ -15,12 +15,13 @@ from mdserver.config import Config
 
 log = logging.getLogger(__name__)
 
-# Route granian's own loggers into ours instead of its stdout handlers.
+# Route granian's own loggers into ours instead of its stdout handlers (its
+# level follows ours; its access log stays off: see access_log).
 GRANIAN_LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "loggers": {
-        "_granian": {"handlers": [], "propagate": True, "level": "WARNING"},
+        "_granian": {"handlers": [], "propagate": True},
         "granian.access": {"handlers": [], "propagate": False, "level": "CRITICAL"},
     },
 }
