@@ -83,6 +83,10 @@ def _ipv4(text: str) -> str:
         raise ValueError(f"{text!r} is not an IPv4 address") from None
 
 
+def _ip_list(text: str) -> Tuple[str, ...]:
+    return tuple(_ip(t.strip()) for t in text.split(",") if t.strip())
+
+
 def _password(text: str) -> Optional[str]:
     if _optional_text(text) is None:
         return None
@@ -206,6 +210,9 @@ KEYS: Tuple[Key, ...] = (
         "Seconds a connection may take to send its request headers (and may sit\n"
         "idle between requests) before it is closed."),
     Key("mdserver", "backlog", _int_range(128, 65535), "1024", "Listen backlog."),
+    Key("mdserver", "admin_socket", _path, "/run/mdserver/admin.sock",
+        "Unix socket for registration and administration (the libvirt hook and\n"
+        "mdserverctl use it); mode 0660, group of the daemon's user."),
     Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
         "Directory for the generated dnsmasq configuration."),
     Key("dnsmasq", "user", _text, "mdserver", "User dnsmasq runs as (so mdserver can signal it)."),
@@ -221,6 +228,9 @@ KEYS: Tuple[Key, ...] = (
         "Domain of the instances; also appended to local-hostname. Empty: none."),
     Key("dnsmasq", "entry_order", _entry_order, "base",
         "Names in each DNS host entry, in order: base, prefix, domain (or fqdn)."),
+    Key("dnsmasq", "upstream_servers", _ip_list, "",
+        "Comma-separated DNS servers for names dnsmasq does not own.\n"
+        "Empty: the host's resolvers (/etc/resolv.conf)."),
 )
 KEY_TABLE: Dict[Tuple[str, str], Key] = {(k.section, k.name): k for k in KEYS}
 FREE_SECTIONS = ("public-keys", "template-data")
@@ -249,6 +259,7 @@ class MdserverSection:
     max_connections: int
     header_timeout: int
     backlog: int
+    admin_socket: str
 
 
 @dataclass(frozen=True)
@@ -265,6 +276,7 @@ class DnsmasqSection:
     prefix: Optional[str]
     domain: Optional[str]
     entry_order: Tuple[str, ...]
+    upstream_servers: Tuple[str, ...]
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -402,7 +414,7 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
 
     base = os.path.dirname(os.path.abspath(path))
     md = {k.name: get("mdserver", k.name) for k in KEYS if k.section == "mdserver"}
-    for key in ("userdata_dir", "db_file", "logfile", "token_key_file"):
+    for key in ("userdata_dir", "db_file", "logfile", "token_key_file", "admin_socket"):
         if md[key]:
             md[key] = os.path.join(base, md[key])
     if md["default_template"]:

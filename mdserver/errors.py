@@ -38,6 +38,10 @@ class BadDomainXML(BadRequest):
     """A libvirt domain XML document cannot be used."""
 
 
+class PayloadTooLarge(BadRequest):
+    """A request body is over its documented limit."""
+
+
 class PoolExhausted(MdserverError):
     """No free address is left in the configured network."""
 

@@ -1,7 +1,16 @@
-"""Durable file writes: atomic replace and fsynced append."""
+"""File helpers: atomic, durable replacement, and names safe to use as file names."""
 
 import os
+import re
 import tempfile
+
+# A file name taken from a domain or a guest must be one plain name: no path
+# separators, no dot-files (which also rules out "." and "..").
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=@-]{0,254}$")
+
+
+def safe_name(name: str) -> bool:
+    return bool(SAFE_NAME.match(name)) and ".." not in name
 
 
 def fsync_dir(path: str) -> None:

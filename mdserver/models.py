@@ -1,5 +1,6 @@
 """Plain records: an instance and its per-instance settings, with their DB form."""
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional, Tuple
 
@@ -66,3 +67,10 @@ class Instance:
 
     def updated(self, **changes: Any) -> "Instance":
         return replace(self, **changes)
+
+
+def default_hostname(name: str, uuid: str) -> str:
+    """A valid host name from a libvirt domain name (which may hold almost
+    anything): lower case, runs of other characters as one '-', at most 63."""
+    label = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return label or "i-" + uuid.replace("-", "")[:12]

@@ -5,8 +5,9 @@ import json
 import logging
 import os
 import threading
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
+from mdserver import legacy
 from mdserver.errors import NotFound, StoreCorrupt, StoreLocked
 from mdserver.fsutil import atomic_write, fsync_dir
 from mdserver.models import SCHEMA_VERSION, Instance
@@ -19,32 +20,83 @@ log = logging.getLogger(__name__)
 MIN_COMPACT = 1000
 
 
+class _Index:
+    """Instances by UUID, MAC, IPv4 and name, and the addresses freed lately."""
+
+    def __init__(self) -> None:
+        self.by_uuid: Dict[str, Instance] = {}
+        self.by_mac: Dict[str, Instance] = {}
+        self.by_ip: Dict[str, Instance] = {}
+        self.by_name: Dict[str, Instance] = {}
+        # ip -> (time freed, UUID that had it): allocation keeps these out of
+        # use for a lease time.
+        self.freed: Dict[str, Tuple[float, str]] = {}
+
+    def _keys(self, inst: Instance):
+        return ((self.by_mac, inst.mac), (self.by_ip, inst.ipv4), (self.by_name, inst.name))
+
+    def put(self, inst: Instance) -> None:
+        self._unindex(inst.uuid)
+        # MAC, IP and name are unique per host; the registry resolves
+        # conflicts before it writes, so the newest record simply wins here.
+        for index, key in self._keys(inst):
+            index[key] = inst
+        self.by_uuid[inst.uuid] = inst
+        self.freed.pop(inst.ipv4, None)
+
+    def delete(self, uuid: str, at: float) -> None:
+        old = self._unindex(uuid)
+        if old is not None:
+            self.freed[old.ipv4] = (at, uuid)
+
+    def _unindex(self, uuid: str) -> Optional[Instance]:
+        old = self.by_uuid.pop(uuid, None)
+        if old is not None:
+            for index, key in self._keys(old):
+                if index.get(key) is old:
+                    del index[key]
+        return old
+
+    def apply(self, entry: dict) -> None:
+        """One journal line: a transaction, removals first."""
+        at = float(entry.get("at", 0.0))
+        for uuid in entry.get("del", ()):
+            self.delete(uuid, at)
+        for record in entry.get("put", ()):
+            self.put(Instance.from_dict(record))
+
+
+def _encode(entry: dict) -> bytes:
+    return json.dumps(entry, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
 class Store:
     """All instances, keyed by UUID and indexed by MAC, IPv4 and name.
 
-    Reads take no lock (they see one consistent dict per index); writes are
-    serialised by one lock and are durable before they return.
+    One process writes (it holds an flock); others may open the same files
+    read-only and follow the writer with refresh(). Writes are durable before
+    they return; a transaction is one journal line, so it is all or nothing.
     """
 
-    def __init__(self, path: str, writable: bool = True):
+    def __init__(self, path: str, writable: bool = True, freed_retention: float = 86400.0):
         self.path = path
         self.journal_path = path + ".journal"
         self.writable = writable
-        self._lock = threading.Lock()
+        self.freed_retention = freed_retention
+        self._lock = threading.RLock()
         self._lockfile: Optional[int] = None
-        self._by_uuid: Dict[str, Instance] = {}
-        self._by_mac: Dict[str, Instance] = {}
-        self._by_ip: Dict[str, Instance] = {}
-        self._by_name: Dict[str, Instance] = {}
-        self._journal_entries = 0
         self._journal = None
+        self._journal_ino: Optional[int] = None
+        self._offset = 0
+        self._entries = 0
+        self._idx = _Index()
         if writable:
             self._take_lock()
-        self._load()
-        if writable:
+        self._reload()
+        if writable and self._journal is None:
             self._open_journal()
 
-    # -- loading -------------------------------------------------------------
+    # -- loading and following -------------------------------------------------
 
     def _take_lock(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -57,14 +109,16 @@ class Store:
             raise StoreLocked(f"{self.path} is in use by another process") from None
         self._lockfile = fd
 
-    def _load(self) -> None:
+    def _read_snapshot(self, idx: _Index) -> None:
         try:
             with open(self.path, "rb") as f:
                 snapshot = json.load(f)
         except FileNotFoundError:
-            snapshot = {"schema": SCHEMA_VERSION, "instances": []}
+            return
         except (OSError, ValueError) as e:
             raise StoreCorrupt(f"{self.path}: {e}") from None
+        if isinstance(snapshot, list):
+            snapshot = self._import_legacy(snapshot)
         if not isinstance(snapshot, dict) or "schema" not in snapshot:
             raise StoreCorrupt(f"{self.path}: not an mdserver database (no schema version)")
         if snapshot["schema"] != SCHEMA_VERSION:
@@ -72,71 +126,100 @@ class Store:
                                f"{SCHEMA_VERSION}")
         try:
             for record in snapshot["instances"]:
-                self._index(Instance.from_dict(record))
+                idx.put(Instance.from_dict(record))
+            for ip, (at, uuid) in snapshot.get("freed", {}).items():
+                idx.freed[ip] = (float(at), uuid)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreCorrupt(f"{self.path}: bad record: {e!r}") from None
-        self._replay()
 
-    def _replay(self) -> None:
+    def _import_legacy(self, records: list) -> dict:
+        """An md_server 0.6 database: convert it (writer only), keeping a backup."""
+        if not self.writable:
+            raise StoreCorrupt(f"{self.path}: md_server 0.6 database; start mdserver "
+                               "once to convert it")
         try:
-            with open(self.journal_path, "rb") as f:
-                lines = f.read().split(b"\n")
+            instances = legacy.convert(records)
+        except ValueError as e:
+            raise StoreCorrupt(f"{self.path}: md_server 0.6 database: {e}") from None
+        backup = self.path + ".md_server-0.6.bak"
+        with open(self.path, "rb") as f:
+            atomic_write(backup, f.read(), 0o640)
+        snapshot = {"schema": SCHEMA_VERSION, "instances": [i.to_dict() for i in instances],
+                    "freed": {}}
+        atomic_write(self.path, json.dumps(snapshot).encode(), 0o640)
+        log.warning("%s: converted %d md_server 0.6 records (backup: %s)", self.path,
+                    len(instances), backup)
+        return snapshot
+
+    def _reload(self) -> None:
+        """Snapshot plus journal, from scratch. The journal is opened before
+        the snapshot is read: a writer that compacts writes the snapshot
+        before it replaces the journal, so this never misses an entry."""
+        idx = _Index()
+        try:
+            jf = open(self.journal_path, "rb")
         except FileNotFoundError:
-            return
-        # A crash mid-append leaves at most one torn last line (no newline):
-        # that write never returned, so dropping it loses nothing promised.
-        torn = lines.pop()
-        if torn:
-            log.warning("%s: dropping an incomplete last entry", self.journal_path)
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-                if entry["op"] == "put":
-                    self._index(Instance.from_dict(entry["instance"]))
-                elif entry["op"] == "del":
-                    self._unindex(entry["uuid"])
-                else:
-                    raise ValueError(f"unknown op {entry['op']!r}")
-            except (KeyError, TypeError, ValueError) as e:
-                raise StoreCorrupt(f"{self.journal_path}:{number}: {e!r}") from None
-        self._journal_entries = len(lines)
+            jf = None
+        try:
+            self._read_snapshot(idx)
+            self._journal_ino = os.fstat(jf.fileno()).st_ino if jf else None
+            data = jf.read() if jf else b""
+        finally:
+            if jf:
+                jf.close()
+        self._offset, self._entries = 0, 0
+        torn = self._replay(idx, data)
+        self._idx = idx
         if torn and self.writable:
+            # A crash mid-append left at most one torn last line; that write
+            # never returned, so dropping it loses nothing promised.
+            log.warning("%s: dropping an incomplete last entry", self.journal_path)
             self._compact()
 
-    # -- indexes (callers hold the lock, or are loading) ----------------------
+    def _replay(self, idx: _Index, data: bytes) -> bool:
+        """Apply complete lines of `data` (journal bytes from self._offset);
+        True if an incomplete line is left at the end."""
+        end = data.rfind(b"\n") + 1
+        for number, line in enumerate(data[:end].splitlines(), self._entries + 1):
+            try:
+                idx.apply(json.loads(line))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise StoreCorrupt(f"{self.journal_path}:{number}: {e!r}") from None
+            self._entries = number
+        self._offset += end
+        return end < len(data)
 
-    def _index(self, inst: Instance) -> None:
-        self._unindex(inst.uuid)
-        # MAC, IP and name are unique per host; the service resolves
-        # conflicts before it writes, so the newest record simply wins here.
-        for index, key in self._keys(inst):
-            index[key] = inst
-        self._by_uuid[inst.uuid] = inst
+    def refresh(self) -> bool:
+        """Read-only replica: catch up with the writer. True if anything changed."""
+        with self._lock:
+            try:
+                st = os.stat(self.journal_path)
+            except FileNotFoundError:
+                st = None
+            if (st.st_ino if st else None) != self._journal_ino:
+                self._reload()  # compacted (or created) meanwhile
+                return True
+            if st is None or st.st_size == self._offset:
+                return False
+            before = self._entries
+            with open(self.journal_path, "rb") as f:
+                f.seek(self._offset)
+                self._replay(self._idx, f.read())
+            return self._entries != before
 
-    def _unindex(self, uuid: str) -> None:
-        old = self._by_uuid.pop(uuid, None)
-        if old is None:
-            return
-        for index, key in self._keys(old):
-            if index.get(key) is old:
-                del index[key]
-
-    def _keys(self, inst: Instance):
-        return ((self._by_mac, inst.mac), (self._by_ip, inst.ipv4), (self._by_name, inst.name))
-
-    # -- reads ---------------------------------------------------------------
+    # -- reads -----------------------------------------------------------------
 
     def by_ip(self, ip: str) -> Optional[Instance]:
-        return self._by_ip.get(ip)
+        return self._idx.by_ip.get(ip)
 
     def by_mac(self, mac: str) -> Optional[Instance]:
-        return self._by_mac.get(mac.lower())
+        return self._idx.by_mac.get(mac.lower())
 
     def by_uuid(self, uuid: str) -> Optional[Instance]:
-        return self._by_uuid.get(uuid.lower())
+        return self._idx.by_uuid.get(uuid.lower())
 
     def by_name(self, name: str) -> Optional[Instance]:
-        return self._by_name.get(name)
+        return self._idx.by_name.get(name)
 
     def find(self, key: str) -> Instance:
         """An instance by name, UUID, MAC or IPv4 address, or NotFound."""
@@ -146,71 +229,86 @@ class Store:
                 return inst
         raise NotFound(f"no instance {key!r}")
 
+    def freed(self, ip: str) -> Optional[Tuple[float, str]]:
+        """(when, by which UUID) `ip` was last freed, if it is still remembered."""
+        return self._idx.freed.get(ip)
+
     def __iter__(self) -> Iterator[Instance]:
-        return iter(list(self._by_uuid.values()))
+        return iter(list(self._idx.by_uuid.values()))
 
     def __len__(self) -> int:
-        return len(self._by_uuid)
+        return len(self._idx.by_uuid)
 
-    # -- writes --------------------------------------------------------------
+    # -- writes ----------------------------------------------------------------
 
     def put(self, inst: Instance) -> None:
         """Add or replace the record with this UUID, durably."""
-        self.put_many([inst])
+        self.commit(put=[inst])
 
-    def put_many(self, instances: List[Instance]) -> None:
-        """Add or replace several records with one durable write (imports)."""
-        with self._lock:
-            self._append([{"op": "put", "instance": i.to_dict()} for i in instances])
-            for inst in instances:
-                self._index(inst)
-            self._maybe_compact()
+    def put_many(self, instances: Iterable[Instance]) -> None:
+        """Add or replace several records in one durable write (imports)."""
+        self.commit(put=list(instances))
 
-    def remove(self, uuid: str) -> Instance:
-        """Delete the record with this UUID, durably; NotFound if there is none."""
+    def remove(self, uuid: str, at: float) -> Instance:
+        """Delete the record with this UUID, durably, remembering when its
+        address was freed; NotFound if there is none."""
         with self._lock:
-            old = self._by_uuid.get(uuid)
+            old = self.by_uuid(uuid)
             if old is None:
                 raise NotFound(f"no instance {uuid!r}")
-            self._append([{"op": "del", "uuid": uuid}])
-            self._unindex(uuid)
-            self._maybe_compact()
+            self.commit(delete=[uuid], at=at)
             return old
 
-    def _append(self, entries: List[dict]) -> None:
-        if self._journal is None:
-            raise StoreLocked(f"{self.path} is open read-only")
-        data = b"".join(json.dumps(e, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-                        for e in entries)
-        created = self._journal.tell() == 0
-        self._journal.write(data)
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
-        if created:
-            fsync_dir(os.path.dirname(os.path.abspath(self.journal_path)))
-        self._journal_entries += len(entries)
-
-    def _maybe_compact(self) -> None:
-        if self._journal_entries >= max(MIN_COMPACT, len(self._by_uuid)):
-            self._compact()
+    def commit(self, put: Iterable[Instance] = (), delete: Iterable[str] = (),
+               at: float = 0.0) -> None:
+        """One transaction (removals, then puts) as one durable journal line."""
+        put, delete = list(put), list(delete)
+        entry = {"at": at, "del": delete, "put": [i.to_dict() for i in put]}
+        with self._lock:
+            if self._journal is None:
+                raise StoreLocked(f"{self.path} is open read-only")
+            created = self._journal.tell() == 0
+            data = _encode(entry)
+            self._journal.write(data)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+            if created:
+                fsync_dir(os.path.dirname(os.path.abspath(self.journal_path)))
+            for uuid in delete:
+                self._idx.delete(uuid, at)
+            for inst in put:
+                self._idx.put(inst)
+            self._offset += len(data)
+            self._entries += 1
+            if self._entries >= max(MIN_COMPACT, len(self)):
+                self._compact()
 
     def _compact(self) -> None:
-        """Fold the journal into a new snapshot; replaying the old journal
-        over it is harmless, so a crash between the two steps loses nothing."""
-        records: List[dict] = [i.to_dict() for i in self._by_uuid.values()]
-        data = json.dumps({"schema": SCHEMA_VERSION, "instances": records},
-                          separators=(",", ":"), sort_keys=True).encode()
-        atomic_write(self.path, data, 0o640)
+        """Fold the journal into a new snapshot, then start an empty journal.
+        Replaying the old journal over the new snapshot is harmless, so a
+        crash between the two steps loses nothing."""
+        idx = self._idx
+        newest = max((at for at, _ in idx.freed.values()), default=0.0)
+        idx.freed = {ip: v for ip, v in idx.freed.items()
+                     if v[0] >= newest - self.freed_retention}
+        snapshot = {"schema": SCHEMA_VERSION,
+                    "instances": [i.to_dict() for i in idx.by_uuid.values()],
+                    "freed": {ip: list(v) for ip, v in idx.freed.items()}}
+        atomic_write(self.path, json.dumps(snapshot, separators=(",", ":"),
+                                           sort_keys=True).encode(), 0o640)
         atomic_write(self.journal_path, b"", 0o640)
         if self._journal is not None:
             self._journal.close()
-            self._open_journal()
-        self._journal_entries = 0
+        self._open_journal()
+        self._offset, self._entries = 0, 0
 
     def _open_journal(self) -> None:
         # Records may hold password hashes: not world-readable.
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._journal = os.fdopen(fd, "ab")
+        st = os.fstat(fd)
+        self._journal_ino = st.st_ino
+        self._offset = st.st_size
 
     def close(self) -> None:
         with self._lock:

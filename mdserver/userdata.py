@@ -2,7 +2,6 @@
 
 import logging
 import os
-import re
 import threading
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -11,6 +10,7 @@ from bottle import SimpleTemplate
 
 from mdserver.config import Config
 from mdserver.errors import TemplateError
+from mdserver.fsutil import safe_name
 from mdserver.metadata import Site, all_keys, local_hostname
 from mdserver.models import Instance
 
@@ -39,15 +39,6 @@ chpasswd:
 ssh_pwauth: true
 % end
 """
-
-# A file name taken from a domain or a guest must be one plain name: no path
-# separators, no dot-files (which also rules out "." and "..").
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=@-]{0,254}$")
-
-
-def safe_name(name: str) -> bool:
-    return bool(SAFE_NAME.match(name)) and ".." not in name
-
 
 class Templates:
     """Finds and renders templates; each file is compiled once and again

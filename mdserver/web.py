@@ -5,8 +5,8 @@ from typing import Callable, Iterable
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from mdserver.errors import (BadRequest, Forbidden, MdserverError, NotFound, PoolExhausted,
-                             StoreLocked, TemplateError, Unauthorized)
+from mdserver.errors import (BadRequest, Forbidden, MdserverError, NotFound, PayloadTooLarge,
+                             PoolExhausted, StoreLocked, TemplateError, Unauthorized)
 from mdserver.metadata import VERSION_LISTING
 from mdserver.service import MetadataService
 
@@ -15,7 +15,8 @@ access = logging.getLogger("mdserver.access")
 
 TEXT = "text/plain"
 STATUS = (  # most specific first
-    (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (BadRequest, 400),
+    (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (PayloadTooLarge, 413),
+    (BadRequest, 400),
     (PoolExhausted, 503), (StoreLocked, 503), (TemplateError, 500),
 )
 TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"

@@ -50,7 +50,7 @@ def test_survives_reopen_via_journal(db):
     a, b = make_instance(1), make_instance(2)
     db.put(a)
     db.put(b)
-    db.remove(a.uuid)
+    db.remove(a.uuid, 1.0)
     db2 = reopen(db)
     try:
         assert [i.uuid for i in db2] == [b.uuid]
@@ -124,7 +124,7 @@ def test_one_writer_at_a_time(db):
 
 def test_remove_unknown(db):
     with pytest.raises(NotFound):
-        db.remove("nope")
+        db.remove("nope", 1.0)
 
 
 def test_files_are_not_world_readable_after_compaction(tmp_path, monkeypatch):
@@ -140,11 +140,102 @@ def test_journal_is_not_world_readable(db):
     assert os.stat(db.journal_path).st_mode & 0o007 == 0
 
 
-def test_put_many_is_one_durable_batch(db):
+def test_put_many_is_one_durable_transaction(db):
     db.put_many([make_instance(n) for n in range(1, 51)])
     assert len(db) == 50
     with open(db.journal_path) as f:
-        assert len(f.read().splitlines()) == 50
+        assert len(f.read().splitlines()) == 1  # all or nothing
     db2 = reopen(db)
     assert len(db2) == 50
     db2.close()
+
+
+def test_transaction_removes_then_puts_atomically(db):
+    old = make_instance(1)
+    db.put(old)
+    rekeyed = old.updated(uuid="ec2fffff-aaaa-4bbb-8ccc-000000000001")
+    db.commit(put=[rekeyed], delete=[old.uuid], at=5.0)
+    assert db.by_ip(old.ipv4) is rekeyed and db.by_uuid(old.uuid) is None
+    assert db.freed(old.ipv4) is None  # taken again in the same transaction
+    db2 = reopen(db)
+    assert db2.by_ip(old.ipv4).uuid == rekeyed.uuid
+    db2.close()
+
+
+def test_freed_addresses_are_remembered_across_restarts(db):
+    inst = make_instance(1)
+    db.put(inst)
+    db.remove(inst.uuid, 1234.5)
+    assert db.freed(inst.ipv4) == (1234.5, inst.uuid)
+    db2 = reopen(db)
+    assert db2.freed(inst.ipv4) == (1234.5, inst.uuid)
+    db2.close()
+
+
+def test_read_only_replica_follows_the_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(storemod, "MIN_COMPACT", 3)
+    writer = Store(str(tmp_path / "db.json"))
+    writer.put(make_instance(1))
+    replica = Store(writer.path, writable=False)
+    assert len(replica) == 1 and replica.refresh() is False
+    writer.put(make_instance(2))
+    assert replica.refresh() is True and replica.by_name("vm2") is not None
+    writer.remove(make_instance(1).uuid, 9.0)
+    for n in range(3, 9):  # through several compactions
+        writer.put(make_instance(n))
+    replica.refresh()
+    assert sorted(i.name for i in replica) == sorted(i.name for i in writer)
+    assert replica.freed(make_instance(1).ipv4) == (9.0, make_instance(1).uuid)
+    writer.close()
+
+
+def test_replica_ignores_a_line_still_being_written(tmp_path):
+    writer = Store(str(tmp_path / "db.json"))
+    writer.put(make_instance(1))
+    replica = Store(writer.path, writable=False)
+    with open(writer.journal_path, "rb") as f:
+        line = f.read().replace(b"vm1", b"vm9").replace(b"ec200001", b"ec200009")
+    with open(writer.journal_path, "ab") as f:
+        f.write(line[:40])  # half a line, as if mid-write
+    assert replica.refresh() is False and replica.by_name("vm9") is None
+    with open(writer.journal_path, "ab") as f:
+        f.write(line[40:])
+    assert replica.refresh() is True and replica.by_name("vm9") is not None
+    writer.close()
+
+
+MD_SERVER_06_DB = [
+    {"domain_name": "web1", "domain_uuid": "0b5f4a2e-3c1d-4e6f-9a8b-7c6d5e4f3a2b",
+     "mds_mac": "52:54:00:AA:BB:01", "mds_ipv4": "10.122.5.7", "mds_ipv6": None,
+     "first_seen": 1600000000.5, "last_update": 1600000100.0},
+    {"domain_name": "DB Server_2", "domain_uuid": "1b5f4a2e-3c1d-4e6f-9a8b-7c6d5e4f3a2b",
+     "mds_mac": "52:54:00:aa:bb:02", "mds_ipv4": "10.122.9.200", "mds_ipv6": None,
+     "first_seen": 1600000200.0, "last_update": None},
+]
+
+
+def test_md_server_06_database_is_converted_keeping_addresses(tmp_path):
+    path = tmp_path / "db_file.json"
+    original = json.dumps(MD_SERVER_06_DB, indent=4).encode()
+    path.write_bytes(original)
+    with pytest.raises(StoreCorrupt, match="0.6"):
+        Store(str(path), writable=False)  # a reader never converts
+    s = Store(str(path))
+    assert (tmp_path / "db_file.json.md_server-0.6.bak").read_bytes() == original
+    web = s.by_name("web1")
+    assert (web.ipv4, web.mac, web.hostname, web.first_seen) == (
+        "10.122.5.7", "52:54:00:aa:bb:01", "web1", 1600000000.5)
+    db2 = s.by_ip("10.122.9.200")
+    assert db2.name == "DB Server_2" and db2.hostname == "db-server-2"
+    s.close()
+    s = Store(str(path))  # converted once: now a normal database
+    assert len(s) == 2 and json.loads(path.read_text())["schema"] == SCHEMA_VERSION
+    s.close()
+
+
+def test_bad_md_server_06_record_is_refused_untouched(tmp_path):
+    path = tmp_path / "db_file.json"
+    path.write_text(json.dumps([{"domain_name": "x"}]))
+    with pytest.raises(StoreCorrupt, match="record 1"):
+        Store(str(path))
+    assert json.loads(path.read_text()) == [{"domain_name": "x"}]
