@@ -1,16 +1,20 @@
 """Composition roots: `mdserver` (the daemon) and `mdserverctl` (administration)."""
 
 import argparse
+import getpass
 import logging
 import os
 import sys
 import time
+from functools import partial
 from typing import List, Optional
 
+from mdserver import adminclient, logs
 from mdserver import config as configmod
-from mdserver import logs
+from mdserver.dnsmasq import DnsmasqFiles
 from mdserver.errors import ConfigError, MdserverError, TemplateError
 from mdserver.models import Instance
+from mdserver.registry import Registry
 from mdserver.service import MetadataService
 from mdserver.store import Store
 from mdserver.tokens import TokenSigner, load_or_create_key
@@ -31,11 +35,17 @@ def build_service(cfg: configmod.Config, store: Store,
     return MetadataService(cfg, store, signer, templates)
 
 
-def build_app(cfg: configmod.Config):
-    """The guest-facing WSGI app with its store (runs in the server worker)."""
+def build_guest_app(cfg: configmod.Config):
+    """In the server worker: a read-only replica of the database and the
+    guest-facing app; uploads go to the main process over the admin socket."""
     from mdserver import web
-    store = Store(cfg.mdserver.db_file)
-    return web.metadata_app(build_service(cfg, store), access_log=cfg.mdserver.access_log)
+    md = cfg.mdserver
+    replica = Store(md.db_file, writable=False)
+    app = web.metadata_app(
+        build_service(cfg, replica), access_log=md.access_log,
+        upload=partial(adminclient.request, md.admin_socket, "POST", "/instance-upload"),
+        host_addresses={"127.0.0.1", "::1", md.listen_address})
+    return app, replica.refresh
 
 
 # -- the daemon -------------------------------------------------------------
@@ -58,17 +68,23 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
     for warning in cfg.warnings:
         log.warning("%s", warning)
+    from mdserver import server, web
     try:
-        # Read the database once here so a corrupt or locked one stops start-up
-        # with one line, before any worker exists.
-        Store(cfg.mdserver.db_file).close()
-        if args.demo:
-            register_demo(cfg)
-        from mdserver import server
-        return server.run(cfg, build_app)
+        store = Store(cfg.mdserver.db_file, freed_retention=cfg.dnsmasq.lease_len)
     except MdserverError as e:
         log.error("%s", e)
         return 1
+    try:
+        registry = Registry(cfg, store, DnsmasqFiles(cfg), on_change=server.notify_workers)
+        registry.sync_dnsmasq()
+        if args.demo:
+            register_demo(cfg, store)
+        return server.run(cfg, web.admin_app(registry), build_guest_app)
+    except (MdserverError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        store.close()
 
 
 def write_demo(state_dir: str) -> str:
@@ -84,7 +100,12 @@ listen_address = 127.0.0.1
 port = {DEMO_PORT}
 db_file = db.json
 userdata_dir = userdata
+admin_socket = admin.sock
 access_log = yes
+
+[dnsmasq]
+base_dir = dnsmasq
+user = {getpass.getuser()}
 
 [public-keys]
 demo = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyDemoKeyDemoKeyDemoKeyDemoKeyDemo demo@mdserver
@@ -92,17 +113,13 @@ demo = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyDemoKeyDemoKeyDemoKeyDemoKeyD
     return path
 
 
-def register_demo(cfg: configmod.Config) -> None:
+def register_demo(cfg: configmod.Config, store: Store) -> None:
     """Register 127.0.0.1 as instance `demo`, so curl from this host sees its metadata."""
-    store = Store(cfg.mdserver.db_file)
-    try:
-        if store.by_uuid(DEMO_UUID) is None:
-            now = time.time()
-            store.put(Instance(uuid=DEMO_UUID, name="demo", mac="52:54:00:de:30:01",
-                               ipv4="127.0.0.1", hostname="demo", first_seen=now,
-                               last_seen=now))
-    finally:
-        store.close()
+    if store.by_uuid(DEMO_UUID) is None:
+        now = time.time()
+        store.put(Instance(uuid=DEMO_UUID, name="demo", mac="52:54:00:de:30:01",
+                           ipv4="127.0.0.1", hostname="demo", first_seen=now,
+                           last_seen=now))
     base = f"http://127.0.0.1:{cfg.mdserver.port}"
     print(f"mdserver demo: instance 'demo' is 127.0.0.1. Try:\n"
           f"  curl {base}/latest/meta-data/\n"

@@ -13,7 +13,9 @@ class Pool:
         self.network = network
         self.first = int(network.network_address) + 1
         self.last = int(network.broadcast_address) - 1
-        self.reserved = {int(ipaddress.IPv4Address(ip)) for ip in reserved}
+        # Reserved addresses outside the network (or IPv6) cannot collide: skip them.
+        self.reserved = {int(a) for a in map(ipaddress.ip_address, reserved)
+                         if a.version == 4 and a in network}
         self.size = max(0, self.last - self.first + 1)
 
     def usable(self, ip: str) -> bool:

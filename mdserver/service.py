@@ -36,6 +36,10 @@ class MetadataService:
 
     def guest(self, ip: str) -> Instance:
         inst = self.store.by_ip(ip)
+        # A replica may lag the writer by a signal's delivery: before saying
+        # "unknown", catch up (cheap: one stat when nothing changed).
+        if inst is None and self.store.refresh():
+            inst = self.store.by_ip(ip)
         if inst is None:
             raise UnknownGuest(f"no instance has address {ip}")
         return inst

@@ -1,13 +1,16 @@
 """Bottle apps: the guest-facing metadata app. The only module that imports bottle's app side."""
 
+import json
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable, Optional, Tuple
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from mdserver.errors import (BadRequest, Forbidden, MdserverError, NotFound, PayloadTooLarge,
                              PoolExhausted, StoreLocked, TemplateError, Unauthorized)
+from mdserver.domainxml import MAX_XML_BYTES
 from mdserver.metadata import VERSION_LISTING
+from mdserver.registry import Registry, record_json
 from mdserver.service import MetadataService
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,45 @@ def _plain_error(res: HTTPError) -> str:
     return f"{res.status_line.split(' ', 1)[1]}\n"
 
 
-def metadata_app(service: MetadataService, access_log: bool = False) -> Callable:
-    """The WSGI app guests talk to, identified by their TCP source address only."""
+def read_body(environ: dict, limit: int = MAX_XML_BYTES) -> bytes:
+    """The request body, or PayloadTooLarge past `limit` (checked before reading it all)."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        raise BadRequest("bad Content-Length") from None
+    if length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
+    data = environ["wsgi.input"].read(limit + 1 if length < 0 else length)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+    return data
+
+
+Relay = Callable[[bytes], Tuple[int, bytes]]
+
+
+def metadata_app(service: MetadataService, access_log: bool = False,
+                 upload: Optional[Relay] = None,
+                 host_addresses: Collection[str] = ()) -> Callable:
+    """The WSGI app guests talk to, identified by their TCP source address only.
+
+    POST /instance-upload (md_server's registration URL) is accepted from
+    `host_addresses` only and handed to `upload` (the main process's registry).
+    """
     app = Bottle(catchall=True)
     app.default_error_handler = _plain_error
+
+    @app.post("/instance-upload")
+    def instance_upload():
+        env = request.environ
+        try:
+            if env["REMOTE_ADDR"] not in host_addresses or upload is None:
+                raise Forbidden("registration is accepted from this host only")
+            status, data = upload(read_body(env))
+        except MdserverError as e:
+            return error_response(e)
+        ctype = "application/json" if status == 200 else TEXT
+        return HTTPResponse(data, status, {"Content-Type": ctype})
 
     @app.get("/")
     def versions():
@@ -98,6 +136,35 @@ def metadata_app(service: MetadataService, access_log: bool = False) -> Callable
         return HTTPResponse(body, 200, headers)
 
     return with_access_log(app) if access_log else app
+
+
+def admin_app(registry: Registry) -> Callable:
+    """Registration and administration, served on the admin Unix socket only."""
+    app = Bottle(catchall=True)
+    app.default_error_handler = _plain_error
+
+    def reply(fn, *args):
+        try:
+            result = fn(*args)
+        except MdserverError as e:
+            return error_response(e)
+        body = [record_json(i) for i in result] if isinstance(result, list) \
+            else record_json(result)
+        return HTTPResponse(json.dumps(body, indent=1) + "\n", 200,
+                            {"Content-Type": "application/json"})
+
+    @app.post("/instance-upload")
+    def upload():
+        try:
+            body = read_body(request.environ)
+        except MdserverError as e:
+            return error_response(e)
+        return reply(registry.register, body)
+
+    app.get("/instances", callback=lambda: reply(registry.list))
+    app.get("/instances/<key>", callback=lambda key: reply(registry.find, key))
+    app.delete("/instances/<key>", callback=lambda key: reply(registry.remove, key))
+    return app
 
 
 def with_access_log(app: Callable) -> Callable:

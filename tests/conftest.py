@@ -1,5 +1,6 @@
 """Shared fixtures: configs in temp dirs, instances, privileged-test gating."""
 
+import getpass
 import os
 import shutil
 import time
@@ -31,8 +32,12 @@ def need_root() -> None:
 def write_config(directory, body: str = "", **mdserver_keys) -> str:
     """A config file in `directory` whose state lives there too."""
     lines = ["[mdserver]", f"db_file = {directory}/db.json",
-             f"userdata_dir = {directory}/userdata"]
+             f"userdata_dir = {directory}/userdata", f"admin_socket = {directory}/admin.sock"]
     lines += [f"{k} = {v}" for k, v in mdserver_keys.items()]
+    # dnsmasq files in the test's directory too (added to a [dnsmasq] the body has)
+    dnsmasq = f"[dnsmasq]\nbase_dir = {directory}/dnsmasq\nuser = {getpass.getuser()}\n"
+    body = body.replace("[dnsmasq]\n", dnsmasq) if "[dnsmasq]\n" in body \
+        else body + "\n" + dnsmasq
     path = os.path.join(str(directory), "mdserver.conf")
     os.makedirs(os.path.join(str(directory), "userdata"), exist_ok=True)
     with open(path, "w") as f:

@@ -61,7 +61,7 @@ def lab(tmp_path):
                    netns=lab.host)
         daemons.append(d)
         try:
-            assert sock.recv(64) == b"READY=1", d.output()
+            assert sock.recv(256).startswith(b"READY=1\nSTATUS=serving"), d.output()
         finally:
             sock.close()
         return d
