@@ -1,4 +1,4 @@
-"""Composition roots: `mdserver` (the daemon) and `mdserverctl` (administration)."""
+"""Composition root of `mdserver`, the daemon."""
 
 import argparse
 import getpass
@@ -126,52 +126,3 @@ def register_demo(cfg: configmod.Config, store: Store) -> None:
           f"  curl {base}/latest/meta-data/instance-id\n"
           f"  curl {base}/latest/user-data\n"
           f"Stop with Ctrl-C.", flush=True)
-
-
-# -- mdserverctl ------------------------------------------------------------
-
-def ctl_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdserverctl", description="Administer mdserver.")
-    parser.add_argument("-c", "--config", default=configmod.DEFAULT_PATH,
-                        help=f"configuration file (default {configmod.DEFAULT_PATH})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("check-config", help="validate a configuration file and exit")
-    p.add_argument("file", nargs="?", help="file to check (default: --config)")
-    p = sub.add_parser("userdata", help="print the user-data an instance would get")
-    p.add_argument("instance", help="instance name, UUID, MAC or IPv4 address")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "check-config":
-            return ctl_check_config(args.file or args.config)
-        return ctl_userdata(args.config, args.instance)
-    except ConfigError as e:
-        print(f"mdserverctl: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except MdserverError as e:
-        print(f"mdserverctl: {e}", file=sys.stderr)
-        return 1
-
-
-def ctl_check_config(path: str) -> int:
-    cfg = configmod.load(path)
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"{path}: OK")
-    return 0
-
-
-def ctl_userdata(config_path: str, key: str) -> int:
-    cfg = configmod.load(config_path)
-    store = Store(cfg.mdserver.db_file, writable=False)
-    # Preview only: no token key is read or created.
-    service = build_service(cfg, store, TokenSigner(os.urandom(32)))
-    inst = store.find(key)
-    try:
-        path, text = service.userdata(inst)
-    except TemplateError as e:
-        print(f"mdserverctl: {inst.name}: {e}", file=sys.stderr)
-        return 1
-    print(f"# {inst.name}: template {path}", file=sys.stderr)
-    sys.stdout.write(text)
-    return 0
-

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 CONF_NAME = "mds.conf"
 DHCP_DIR = "dhcp-hosts"
 HOSTS_DIR = "hosts"
+INSTANCE_DIRS = (DHCP_DIR, HOSTS_DIR)
 PID_NAME = "dnsmasq.pid"
 LEASE_NAME = "dnsmasq.leases"
 
@@ -37,12 +38,15 @@ def render_conf(cfg: Config) -> str:
         f"listen-address={dn.gateway}",
         "except-interface=lo",
         "no-hosts",
+        "domain-needed",  # bare names are never sent upstream
         # Static range: only registered MACs get a lease, each its own address.
         f"dhcp-range={net.network_address},static,{net.netmask},{dn.lease_len}",
         "dhcp-authoritative",
         "dhcp-no-override",
         f"dhcp-hostsdir={base}/{DHCP_DIR}",
         f"hostsdir={base}/{HOSTS_DIR}",
+        # Names a client makes up for itself never reach DNS.
+        "dhcp-ignore-names",
         f"dhcp-option=option:router,{dn.gateway}",
     ]
     # Clients that honour option 121 ignore option 3: give both routes.
@@ -53,7 +57,8 @@ def render_conf(cfg: Config) -> str:
     else:
         lines.append("dhcp-option=option:dns-server")  # empty: advertise none
     if dn.domain:
-        lines += [f"domain={dn.domain}", f"local=/{dn.domain}/"]
+        # expand-hosts: a bare name in a host file also answers as name.domain
+        lines += [f"domain={dn.domain}", f"local=/{dn.domain}/", "expand-hosts"]
     if dn.upstream_servers:
         lines.append("no-resolv")
         lines += [f"server={s}" for s in dn.upstream_servers]
@@ -73,10 +78,24 @@ def dns_names(inst: Instance, dn: DnsmasqSection) -> List[str]:
     return names
 
 
+def dhcp_name(inst: Instance) -> str:
+    """The host name DHCP gives (EC2's style, ip-10-122-0-5), until
+    cloud-init sets the real one from local-hostname.
+
+    Not the instance's name: dnsmasq answers DNS for a lease's name until the
+    lease runs out, even after the instance is removed (no reload forgets
+    it), and a removed instance's name must stop resolving. An address is
+    not handed out again before its old lease has run out, so these names
+    never clash. (Per-host tags, the other way to send a name, crash dnsmasq
+    2.90 on SIGHUP while a lease is live.)
+    """
+    return "ip-" + inst.ipv4.replace(".", "-")
+
+
 def render_dhcp_host(inst: Instance, dn: DnsmasqSection) -> str:
     # id:* ignores the client-id: initramfs, cloud-init's ephemeral DHCP and
     # the OS may all send different ones, and each must get this address.
-    return f"{inst.mac},id:*,{inst.ipv4},{inst.hostname},{dn.lease_len}\n"
+    return f"{inst.mac},id:*,{inst.ipv4},{dhcp_name(inst)},{dn.lease_len}\n"
 
 
 def render_host(inst: Instance, dn: DnsmasqSection) -> str:
@@ -117,15 +136,14 @@ class DnsmasqFiles:
     def put(self, inst: Instance) -> bool:
         """Write `inst`'s entries; True if an existing entry changed (needs reload)."""
         existed = self._exists(self.path(DHCP_DIR, inst.uuid))
-        changed = self._write_if_changed(self.path(DHCP_DIR, inst.uuid),
-                                         render_dhcp_host(inst, self.dn))
-        changed |= self._write_if_changed(self.path(HOSTS_DIR, inst.uuid),
-                                          render_host(inst, self.dn))
+        changed = False
+        for d, render in ((DHCP_DIR, render_dhcp_host), (HOSTS_DIR, render_host)):
+            changed |= self._write_if_changed(self.path(d, inst.uuid), render(inst, self.dn))
         return existed and changed
 
     def remove(self, uuid: str) -> bool:
         removed = False
-        for d in (DHCP_DIR, HOSTS_DIR):
+        for d in INSTANCE_DIRS:
             try:
                 os.unlink(self.path(d, uuid))
                 removed = True
@@ -136,14 +154,14 @@ class DnsmasqFiles:
     def sync(self, instances: Iterable[Instance]) -> bool:
         """Make the files match `instances` exactly (start-up); True if
         anything that dnsmasq may have read changed."""
-        for d in ("", DHCP_DIR, HOSTS_DIR):
+        for d in ("",) + INSTANCE_DIRS:
             os.makedirs(self.path(d), mode=0o755, exist_ok=True)
         changed = self._write_if_changed(self.path(CONF_NAME), render_conf(self.cfg))
         wanted = set()
         for inst in instances:
             wanted.add(inst.uuid)
             changed |= self.put(inst)
-        for d in (DHCP_DIR, HOSTS_DIR):
+        for d in INSTANCE_DIRS:
             for name in os.listdir(self.path(d)):
                 if name not in wanted and not name.startswith("."):
                     os.unlink(self.path(d, name))

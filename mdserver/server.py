@@ -84,14 +84,6 @@ def notify_workers() -> None:
 
 
 class _AdminHandler(WSGIRequestHandler):
-    def address_string(self) -> str:
-        return "unix"
-
-    def get_environ(self) -> dict:
-        env = super().get_environ()
-        env["REMOTE_ADDR"] = "unix"
-        return env
-
     def log_message(self, fmt: str, *args) -> None:  # errors are logged by the app
         pass
 
@@ -106,6 +98,11 @@ class _AdminServer(ThreadingMixIn, socketserver.UnixStreamServer):
 
     def get_app(self) -> Callable:
         return self.app
+
+    def get_request(self):
+        # wsgiref expects an (address, port) peer; a Unix socket has none.
+        sock, _ = self.socket.accept()
+        return sock, ("unix", 0)
 
     def server_bind(self) -> None:
         # Mode 0660 from the start (no window with a wider mode): the daemon's

@@ -8,7 +8,12 @@ cd "$(dirname "$0")/.."
 
 die() { echo "run-tests: $*" >&2; exit 1; }
 
-apt_packages=(iproute2 ca-certificates)
+# cloud-init: its DataSourceEc2 is the client in the tests; dnsmasq-base and
+# busybox (udhcpc, nslookup): DHCP/DNS tests; libvirt + qemu + iptables: the
+# real libvirtd that runs the hook (not libvirt-daemon-system: it would pull
+# in systemd and start a libvirtd of its own).
+apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
+              libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()

@@ -73,3 +73,52 @@ def cfg(conf_path):
 @pytest.fixture
 def now():
     return time.time()
+
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def read_data(name: str) -> bytes:
+    with open(os.path.join(DATA_DIR, name), "rb") as f:
+        return f.read()
+
+
+def domain_xml(name: str, uuid: str, mac: str, network: str = "mds", metadata: str = "",
+               devices: str = "") -> str:
+    """A small libvirt domain (TCG, no disk) with one interface on `network`,
+    SMBIOS serial and UUID equal to the domain UUID (the AWS route)."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  {f"<metadata>{metadata}</metadata>" if metadata else ""}
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <sysinfo type='smbios'>
+    <system>
+      <entry name='serial'>{uuid}</entry>
+      <entry name='uuid'>{uuid}</entry>
+    </system>
+  </sysinfo>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <smbios mode='sysinfo'/>
+  </os>
+  <devices>
+    <interface type='network'>
+      <mac address='{mac}'/>
+      <source network='{network}'/>
+      <model type='virtio'/>
+    </interface>
+    {devices}
+  </devices>
+</domain>
+"""
+
+
+def mds_metadata(**elements) -> str:
+    """mdserver's own <metadata> block; ssh_key may be a list."""
+    inner = ""
+    for tag, value in elements.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            inner += f"<mds:{tag.replace('_', '-')}>{v}</mds:{tag.replace('_', '-')}>"
+    return f"<mds:instance xmlns:mds='urn:mdserver:1'>{inner}</mds:instance>"

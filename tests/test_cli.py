@@ -12,8 +12,8 @@ from mdserver.store import Store
 
 def ctl(*args):
     return subprocess.run([sys.executable, "-c",
-                           "import sys; from mdserver.cli import ctl_main; "
-                           "sys.exit(ctl_main(sys.argv[1:]))", *args],
+                           "import sys; from mdserver.ctl import main; "
+                           "sys.exit(main(sys.argv[1:]))", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 

@@ -190,7 +190,8 @@ def test_config_is_frozen(cfg):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-c",
-                           "import sys; from mdserver.cli import ctl_main, daemon_main; "
+                           "import sys; from mdserver.cli import daemon_main; "
+                           "from mdserver.ctl import main as ctl_main; "
                            f"sys.exit({args[0]}(sys.argv[1:]))", *args[1:]],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 

@@ -1,0 +1,173 @@
+"""Composition root of `mdserverctl`, the admin tool (virsh style)."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+from mdserver import adminclient
+from mdserver import config as configmod
+from mdserver.adminclient import DaemonUnavailable
+from mdserver.cli import EXIT_CONFIG, build_service
+from mdserver.errors import ConfigError, MdserverError, TemplateError
+from mdserver.registry import record_json
+from mdserver.store import Store
+from mdserver.tokens import TokenSigner
+
+COLUMNS = ("name", "ip", "mac", "uuid", "hostname")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mdserverctl", description="Administer mdserver.")
+    parser.add_argument("-c", "--config", default=configmod.DEFAULT_PATH,
+                        help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p.add_argument("file", nargs="?", help="file to check (default: --config)")
+    p = sub.add_parser("userdata", help="print the user-data an instance would get")
+    p.add_argument("instance", help="instance name, UUID, MAC or IPv4 address")
+    p = sub.add_parser("list", help="list instances")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("show", help="show one instance")
+    p.add_argument("instance", help="instance name, UUID, MAC or IPv4 address")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("register", help="register a domain from its XML (virsh dumpxml)")
+    p.add_argument("file", help="domain XML file, or - for standard input")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("remove", help="remove an instance (its address is freed)")
+    p.add_argument("instance", help="instance name or UUID")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("prune", help="list (with --yes remove) instances libvirt no longer has")
+    p.add_argument("--yes", action="store_true", help="remove them")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI for virsh (default: virsh's)")
+    p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return check_config(args.file or args.config)
+        cfg = configmod.load(args.config)
+        return COMMANDS[args.command](cfg, args)
+    except ConfigError as e:
+        print(f"mdserverctl: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MdserverError as e:
+        print(f"mdserverctl: {e}", file=sys.stderr)
+        return 1
+
+
+def check_config(path: str) -> int:
+    cfg = configmod.load(path)
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: OK")
+    return 0
+
+
+def userdata(cfg: configmod.Config, args) -> int:
+    store = Store(cfg.mdserver.db_file, writable=False)
+    # Preview only: no token key is read or created.
+    service = build_service(cfg, store, TokenSigner(os.urandom(32)))
+    inst = store.find(args.instance)
+    try:
+        path, text = service.userdata(inst)
+    except TemplateError as e:
+        print(f"mdserverctl: {inst.name}: {e}", file=sys.stderr)
+        return 1
+    print(f"# {inst.name}: template {path}", file=sys.stderr)
+    sys.stdout.write(text)
+    return 0
+
+
+def _daemon(cfg: configmod.Config, method: str, url: str, body: Optional[bytes] = None):
+    return adminclient.call(cfg.mdserver.admin_socket, method, url, body)
+
+
+def _records(cfg: configmod.Config) -> List[dict]:
+    """From the daemon; with it down, read-only from the database."""
+    try:
+        return _daemon(cfg, "GET", "/instances")
+    except DaemonUnavailable as e:
+        print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
+        store = Store(cfg.mdserver.db_file, writable=False)
+        return [record_json(i) for i in sorted(store, key=lambda i: (i.name, i.uuid))]
+
+
+def _print(records, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(records, indent=1))
+        return
+    rows = [[str(r[c]) for c in COLUMNS] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(COLUMNS)]
+    for row in [[c.upper() for c in COLUMNS]] + rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def list_(cfg, args) -> int:
+    _print(_records(cfg), args.json)
+    return 0
+
+
+def show(cfg, args) -> int:
+    try:
+        record = _daemon(cfg, "GET", f"/instances/{args.instance}")
+    except DaemonUnavailable as e:
+        print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
+        record = record_json(Store(cfg.mdserver.db_file, writable=False).find(args.instance))
+    if args.json:
+        print(json.dumps(record, indent=1))
+    else:
+        width = max(len(k) for k in record)
+        for key, value in record.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def _write(cfg, method: str, url: str, body: Optional[bytes] = None) -> dict:
+    try:
+        return _daemon(cfg, method, url, body)
+    except DaemonUnavailable as e:
+        raise MdserverError(f"{e}: changes need the running daemon") from None
+
+
+def register(cfg, args) -> int:
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    _print([_write(cfg, "POST", "/instance-upload", data)], args.json)
+    return 0
+
+
+def remove(cfg, args) -> int:
+    _print([_write(cfg, "DELETE", f"/instances/{args.instance}")], args.json)
+    return 0
+
+
+def libvirt_uuids(connect: Optional[str]) -> set:
+    cmd = ["virsh"] + (["--connect", connect] if connect else []) + ["list", "--all", "--uuid"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MdserverError(f"cannot ask libvirt ({' '.join(cmd)}): {e}") from None
+    if out.returncode != 0:
+        raise MdserverError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+    return {line.strip().lower() for line in out.stdout.splitlines() if line.strip()}
+
+
+def prune(cfg, args) -> int:
+    known = libvirt_uuids(args.connect)
+    gone = [r for r in _records(cfg) if r["uuid"] not in known]
+    if args.yes:
+        gone = [_write(cfg, "DELETE", f"/instances/{r['uuid']}") for r in gone]
+    _print(gone, args.json)
+    if not args.json:
+        verb = "removed" if args.yes else "unknown to libvirt (remove with --yes)"
+        print(f"{len(gone)} instance(s) {verb}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"userdata": userdata, "list": list_, "show": show, "register": register,
+            "remove": remove, "prune": prune}
