@@ -171,3 +171,7 @@ def prune(cfg, args) -> int:
 
 COMMANDS = {"userdata": userdata, "list": list_, "show": show, "register": register,
             "remove": remove, "prune": prune}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,13 +68,14 @@ class Daemon:
 
 
 def request(host: str, port: int, method: str, path: str, source: str = "127.0.0.1",
-            headers: Optional[Dict[str, str]] = None, timeout: float = 5.0
-            ) -> Tuple[int, Dict[str, str], str]:
+            headers: Optional[Dict[str, str]] = None, timeout: float = 5.0,
+            body: Optional[str] = None) -> Tuple[int, Dict[str, str], str]:
     """One HTTP request whose TCP source address is `source`."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=(source, 0))
     try:
-        conn.request(method, path, headers=headers or {})
+        conn.request(method, path, body=body.encode() if body is not None else None,
+                     headers=headers or {})
         resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read().decode()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode()
     finally:
         conn.close()
