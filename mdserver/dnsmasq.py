@@ -156,6 +156,9 @@ class DnsmasqFiles:
         anything that dnsmasq may have read changed."""
         for d in ("",) + INSTANCE_DIRS:
             os.makedirs(self.path(d), mode=0o755, exist_ok=True)
+        # dnsmasq creates its pid and lease files here while still root but
+        # without CAP_DAC_OVERRIDE, through its supplementary group mdserver.
+        os.chmod(self.base, 0o770)
         changed = self._write_if_changed(self.path(CONF_NAME), render_conf(self.cfg))
         wanted = set()
         for inst in instances:
