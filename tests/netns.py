@@ -34,6 +34,15 @@ class Lab:
         ip("addr", "add", metadata_address, "dev", self.bridge, netns=self.host)
         ip("link", "set", self.bridge, "up", netns=self.host)
 
+    @classmethod
+    def attach(cls, host_ns: str, bridge: str, gateway: str = "10.122.0.1") -> "Lab":
+        """Guests on a bridge in a namespace someone else owns (a libvirt
+        network in the libvirt lab); only the guests are ours to delete."""
+        lab = cls.__new__(cls)
+        lab.tag, lab.host, lab.bridge, lab.gateway = os.urandom(3).hex(), host_ns, bridge, gateway
+        lab.namespaces = []
+        return lab
+
     def _add_ns(self, name: str) -> None:
         ip("netns", "add", name)
         self.namespaces.append(name)
