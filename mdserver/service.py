@@ -38,7 +38,8 @@ class MetadataService:
         inst = self.store.by_ip(ip)
         # A replica may lag the writer by a signal's delivery: before saying
         # "unknown", catch up (cheap: one stat when nothing changed).
-        if inst is None and self.store.refresh():
+        if inst is None:
+            self.store.refresh()  # (another thread may have just done it: look again anyway)
             inst = self.store.by_ip(ip)
         if inst is None:
             raise UnknownGuest(f"no instance has address {ip}")

@@ -11,9 +11,11 @@ die() { echo "run-tests: $*" >&2; exit 1; }
 # cloud-init: its DataSourceEc2 is the client in the tests; dnsmasq-base and
 # busybox (udhcpc, nslookup): DHCP/DNS tests; libvirt + qemu + iptables: the
 # real libvirtd that runs the hook (not libvirt-daemon-system: it would pull
-# in systemd and start a libvirtd of its own).
+# in systemd-sysv and start a libvirtd of its own); systemd: systemd-analyze
+# for the units (it does not become the init system).
 apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
-              libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables)
+              libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables
+              systemd)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()
