@@ -1,4 +1,4 @@
-"""Runs the guest listener under granian: signals, log reopening and systemd readiness."""
+"""The listeners: the admin socket in the main process, guests under granian; signals, readiness."""
 
 import errno
 import logging
@@ -38,9 +38,13 @@ def sd_notify(message: str, environ=os.environ) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(address)
-        s.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(message.encode())
+    except OSError as e:  # systemd gone or a stale variable: not worth dying for
+        log.warning("cannot notify %s: %s", address, e.strerror)
+        return False
     return True
 
 

@@ -12,10 +12,11 @@ die() { echo "run-tests: $*" >&2; exit 1; }
 # busybox (udhcpc, nslookup): DHCP/DNS tests; libvirt + qemu + iptables: the
 # real libvirtd that runs the hook (not libvirt-daemon-system: it would pull
 # in systemd-sysv and start a libvirtd of its own); systemd: systemd-analyze
-# for the units (it does not become the init system).
+# for the units (it does not become the init system); qemu-utils, mmdebstrap,
+# e2fsprogs, openssh-client, openssl: the guest image and the guest boot test.
 apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
               libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables
-              systemd)
+              systemd qemu-utils mmdebstrap e2fsprogs openssh-client openssl)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()

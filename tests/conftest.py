@@ -122,3 +122,11 @@ def mds_metadata(**elements) -> str:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             inner += f"<mds:{tag.replace('_', '-')}>{v}</mds:{tag.replace('_', '-')}>"
     return f"<mds:instance xmlns:mds='urn:mdserver:1'>{inner}</mds:instance>"
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Let fixtures see whether their test failed (item.rep_call), to keep artifacts."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
