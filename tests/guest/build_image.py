@@ -395,6 +395,7 @@ def customize(root):
     dbus_id = os.path.join(root, "var/lib/dbus/machine-id")
     if os.path.lexists(dbus_id):
         os.unlink(dbus_id)
+    os.makedirs(os.path.dirname(dbus_id), exist_ok=True)
     os.symlink("/etc/machine-id", dbus_id)
     _write(os.path.join(etc, "fstab"), FSTAB)
     # Host keys are made on the first boot (by cloud-init), never shipped.
@@ -506,8 +507,8 @@ def build_image(cache_dir=None, force=False):
         # Left-overs of interrupted builds and images of older keys.
         for name in os.listdir(cache_dir):
             p = os.path.join(cache_dir, name)
-            if name.startswith(".tmp-") or (KEY_RE.match(name)
-                                           and name != key):
+            if name.startswith(".tmp-") or ".old-" in name or (
+                    KEY_RE.match(name) and name != key):
                 log("removing stale %s" % name)
                 _safe_rmtree(p)
         tmp = os.path.join(cache_dir, ".tmp-%s-%d" % (key, os.getpid()))
