@@ -12,7 +12,7 @@ from typing import List, Optional
 from mdserver import adminclient, logs
 from mdserver import config as configmod
 from mdserver.dnsmasq import DnsmasqFiles
-from mdserver.errors import ConfigError, MdserverError, TemplateError
+from mdserver.errors import ConfigError, MdserverError
 from mdserver.models import Instance
 from mdserver.registry import Registry
 from mdserver.service import MetadataService

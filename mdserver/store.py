@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import threading
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 from mdserver import legacy
 from mdserver.errors import NotFound, StoreCorrupt, StoreLocked

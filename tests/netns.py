@@ -6,6 +6,7 @@ deleted on exit, even when a test fails.
 
 import os
 import subprocess
+import time
 from typing import List, Optional
 
 PREFIX = "mdt"
@@ -71,3 +72,18 @@ class Lab:
 
 def exec_in(ns: str, cmd: List[str]) -> List[str]:
     return ["ip", "netns", "exec", ns] + cmd
+
+
+def start_dnsmasq(ns: str, base_dir, log_path, *options: str) -> subprocess.Popen:
+    """dnsmasq from mdserver's generated mds.conf, as production runs it,
+    in namespace `ns`; returns once it has written its pid file."""
+    p = subprocess.Popen(exec_in(ns, ["dnsmasq", f"--conf-file={base_dir}/mds.conf",
+                                      "--keep-in-foreground", f"--log-facility={log_path}",
+                                      *options]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(os.path.join(str(base_dir), "dnsmasq.pid")):
+        assert p.poll() is None, p.stdout.read()
+        assert time.monotonic() < deadline, "dnsmasq wrote no pid file"
+        time.sleep(0.05)
+    return p

@@ -20,6 +20,7 @@ import pytest
 from conftest import domain_xml, need, need_root, write_config
 from daemon import Daemon
 from mdserver import adminclient
+import netns
 from netns import Lab, exec_in
 
 DOMAINS = {
@@ -85,17 +86,7 @@ def register(lab, name):
 
 def start_dnsmasq(lab):
     lab.dnsmasq_log = lab.tmp / "dnsmasq.log"
-    p = subprocess.Popen(exec_in(lab.host, ["dnsmasq", f"--conf-file={lab.base}/mds.conf",
-                                            "--keep-in-foreground", "--log-queries",
-                                            f"--log-facility={lab.dnsmasq_log}"]),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lab.dnsmasq = [p]
-    deadline = time.monotonic() + 10
-    while not (lab.base / "dnsmasq.pid").exists():
-        assert p.poll() is None, p.stdout.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return p
+    lab.dnsmasq = [netns.start_dnsmasq(lab.host, lab.base, lab.dnsmasq_log, "--log-queries")]
 
 
 def dhcp(lab, index, name):

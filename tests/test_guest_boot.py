@@ -34,7 +34,7 @@ import pytest
 from conftest import domain_xml, mds_metadata, need, need_root, write_config
 from daemon import Daemon
 from mdserver import adminclient
-from netns import Lab, exec_in
+from netns import Lab, exec_in, start_dnsmasq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "guest"))
@@ -227,10 +227,8 @@ def test_two_stock_guests_boot_and_are_configured(boot):
                                   domain_xml(name, uuid, mac, metadata=meta).encode())
         b.guests.append(Guest(name, uuid, mac, template, record))
 
-    dnsmasq = subprocess.Popen(exec_in(b.lab.host, [
-        "dnsmasq", f"--conf-file={tmp}/dnsmasq/mds.conf", "--keep-in-foreground",
-        f"--log-facility={tmp}/dnsmasq.log", "--log-dhcp"]))
-    b.procs.append(dnsmasq)
+    b.procs.append(start_dnsmasq(b.lab.host, tmp / "dnsmasq", tmp / "dnsmasq.log",
+                                 "--log-dhcp"))
 
     img = b.image
     mode = accel(img["kernel"], img["initrd"], tmp)

@@ -11,19 +11,17 @@ clears the environment of hooks).
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import mds_metadata, need, need_root, write_config
 from daemon import ROOT, Daemon
 from mdserver import adminclient
-from netns import Lab, exec_in
+from netns import Lab, exec_in, start_dnsmasq
 from test_dnsmasq_live import DHCP_SCRIPT, resolve
 
 try:
@@ -116,14 +114,7 @@ def test_domain_start_registers_then_guest_gets_address_name_and_metadata(world)
         "#cloud-config\nwrite_files:\n  - path: /marker\n    content: {{name}}\n")
 
     # dnsmasq from the generated mds.conf, in the namespace of the bridge
-    base_dir = w.tmp / "dnsmasq"
-    w.dnsmasq = [subprocess.Popen(exec_in(w.lab.netns, [
-        "dnsmasq", f"--conf-file={base_dir}/mds.conf", "--keep-in-foreground",
-        f"--log-facility={w.tmp}/dnsmasq.log"]))]
-    deadline = time.monotonic() + 10
-    while not (base_dir / "dnsmasq.pid").exists():
-        assert w.dnsmasq[0].poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    w.dnsmasq = [start_dnsmasq(w.lab.netns, w.tmp / "dnsmasq", w.tmp / "dnsmasq.log")]
 
     # The VM itself has no disk; take it off the bridge and play it with a
     # namespace that has its MAC.
