@@ -30,7 +30,10 @@ class Lab:
         self.namespaces: List[str] = []
         self._add_ns(self.host)
         ip("link", "set", "lo", "up", netns=self.host)
-        ip("link", "add", self.bridge, "type", "bridge", netns=self.host)
+        # A fixed MAC: a bridge otherwise takes the lowest MAC of its ports,
+        # so adding a guest can change it under the other guests' ARP caches.
+        ip("link", "add", self.bridge, "address", "02:6d:64:74:00:01", "type", "bridge",
+           netns=self.host)
         ip("addr", "add", gateway, "dev", self.bridge, netns=self.host)
         ip("addr", "add", metadata_address, "dev", self.bridge, netns=self.host)
         ip("link", "set", self.bridge, "up", netns=self.host)
