@@ -5,11 +5,7 @@ import json
 import socket
 from typing import Any, Optional, Tuple
 
-from mdserver.errors import MdserverError
-
-
-class DaemonUnavailable(MdserverError):
-    """Nothing answers on the admin socket."""
+from mdserver.errors import DaemonUnavailable, MdserverError
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -42,6 +38,8 @@ def request(path: str, method: str, url: str, body: Optional[bytes] = None,
     except PermissionError:
         raise DaemonUnavailable(f"no permission to use {path} (root or group mdserver "
                                 "needed)") from None
+    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, garbage
+        raise DaemonUnavailable(f"mdserver did not answer on {path}: {e}") from None
     finally:
         conn.close()
 

@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 from typing import List, Optional
+from urllib.parse import quote
 
 from mdserver import adminclient
 from mdserver import config as configmod
-from mdserver.adminclient import DaemonUnavailable
 from mdserver.cli import EXIT_CONFIG, build_service
-from mdserver.errors import ConfigError, MdserverError, TemplateError
+from mdserver.errors import ConfigError, DaemonUnavailable, MdserverError, TemplateError
 from mdserver.registry import record_json
 from mdserver.store import Store
 from mdserver.tokens import TokenSigner
@@ -80,6 +80,11 @@ def userdata(cfg: configmod.Config, args) -> int:
     return 0
 
 
+def _url(key: str) -> str:
+    # Domain names may hold spaces, '/' and worse: one path segment, quoted.
+    return "/instances/" + quote(key, safe="")
+
+
 def _daemon(cfg: configmod.Config, method: str, url: str, body: Optional[bytes] = None):
     return adminclient.call(cfg.mdserver.admin_socket, method, url, body)
 
@@ -111,7 +116,7 @@ def list_(cfg, args) -> int:
 
 def show(cfg, args) -> int:
     try:
-        record = _daemon(cfg, "GET", f"/instances/{args.instance}")
+        record = _daemon(cfg, "GET", _url(args.instance))
     except DaemonUnavailable as e:
         print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
         record = record_json(Store(cfg.mdserver.db_file, writable=False).find(args.instance))
@@ -142,7 +147,7 @@ def register(cfg, args) -> int:
 
 
 def remove(cfg, args) -> int:
-    _print([_write(cfg, "DELETE", f"/instances/{args.instance}")], args.json)
+    _print([_write(cfg, "DELETE", _url(args.instance))], args.json)
     return 0
 
 
@@ -161,7 +166,7 @@ def prune(cfg, args) -> int:
     known = libvirt_uuids(args.connect)
     gone = [r for r in _records(cfg) if r["uuid"] not in known]
     if args.yes:
-        gone = [_write(cfg, "DELETE", f"/instances/{r['uuid']}") for r in gone]
+        gone = [_write(cfg, "DELETE", _url(r['uuid'])) for r in gone]
     _print(gone, args.json)
     if not args.json:
         verb = "removed" if args.yes else "unknown to libvirt (remove with --yes)"

@@ -54,5 +54,9 @@ class StoreLocked(MdserverError):
     """Another process already holds the instance database for writing."""
 
 
+class DaemonUnavailable(MdserverError):
+    """Nothing (or nothing in time) answers on the admin socket."""
+
+
 class TemplateError(MdserverError):
     """A user-data template failed to render or rendered to invalid cloud-config."""

@@ -72,13 +72,15 @@ class Templates:
 
     def choose(self, inst: Instance) -> Tuple[str, SimpleTemplate]:
         """The first template that exists for `inst`: (path or BUILTIN_NAME, template)."""
+        # Templates someone asked for by name: a missing one is worth a warning.
+        named = {self.default_template}
+        if inst.settings.template:
+            named.add(os.path.join(self.userdata_dir, inst.settings.template))
         for path in self.candidates(inst):
             template = self._load(path)
             if template is not None:
                 return path, template
-            if path == self.default_template or (
-                    inst.settings.template
-                    and path == os.path.join(self.userdata_dir, inst.settings.template)):
+            if path in named:
                 log.warning("instance %s: template %s does not exist; trying the next",
                             inst.name, path)
         return BUILTIN_NAME, self._builtin

@@ -6,8 +6,9 @@ from typing import Callable, Collection, Iterable, Optional, Tuple
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from mdserver.errors import (BadRequest, Forbidden, MdserverError, NotFound, PayloadTooLarge,
-                             PoolExhausted, StoreLocked, TemplateError, Unauthorized)
+from mdserver.errors import (BadRequest, DaemonUnavailable, Forbidden, MdserverError,
+                             NotFound, PayloadTooLarge, PoolExhausted, StoreLocked,
+                             TemplateError, Unauthorized)
 from mdserver.domainxml import MAX_XML_BYTES
 from mdserver.metadata import VERSION_LISTING
 from mdserver.registry import Registry, record_json
@@ -20,7 +21,7 @@ TEXT = "text/plain"
 STATUS = (  # most specific first
     (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (PayloadTooLarge, 413),
     (BadRequest, 400),
-    (PoolExhausted, 503), (StoreLocked, 503), (TemplateError, 500),
+    (PoolExhausted, 503), (StoreLocked, 503), (DaemonUnavailable, 503), (TemplateError, 500),
 )
 TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"
 TTL_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS"
@@ -40,8 +41,11 @@ def error_response(error: MdserverError) -> HTTPResponse:
     level = logging.ERROR if status >= 500 else logging.INFO
     log.log(level, "%d %s %s from %s: %s", status, env.get("REQUEST_METHOD"),
             env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error)
-    # The guest learns what is wrong, not why: template errors stay in the log.
-    reason = "template error" if status == 500 else str(error)
+    # Server-side failures stay in the log: the guest learns only their kind.
+    if status < 500 or status == 503:
+        reason = str(error)
+    else:
+        reason = "template error" if isinstance(error, TemplateError) else "internal error"
     return HTTPResponse(f"{reason}\n", status, {"Content-Type": TEXT})
 
 

@@ -164,3 +164,12 @@ def test_md_server_06_database_converted_on_first_start(tmp_path):
     finally:
         d.stop()
     assert len(Store(str(tmp_path / "db.json"), writable=False)) == 1
+
+
+def test_names_with_odd_characters(md):
+    odd = "web server #1 (test)"
+    assert upload(md, domain_xml(odd, U1, M1))[0] == 200
+    r = ctl(md, "show", odd, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == odd
+    assert ctl(md, "remove", odd).returncode == 0
+    assert json.loads(ctl(md, "list", "--json").stdout) == []

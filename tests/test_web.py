@@ -7,6 +7,7 @@ import pytest
 
 from conftest import make_instance, write_config
 from mdserver import config, web
+from mdserver.errors import DaemonUnavailable, MdserverError
 from mdserver.cli import build_service
 from mdserver.metadata import VERSIONS
 from mdserver.models import InstanceSettings
@@ -211,3 +212,35 @@ def test_updated_instance_is_served_fresh(env):
     inst = service.store.by_ip(GUEST)
     service.store.put(inst.updated(hostname="renamed"))
     assert call(app, "GET", "/latest/meta-data/local-hostname")[2] == "renamed"
+
+
+def test_instance_upload_route(env):
+    _, service = env()
+    got = []
+
+    def relay(body):  # FAKE: stands in for the main process's admin socket
+        got.append(body)
+        return 200, b'{"name": "vm1"}'
+
+    def down(body):
+        raise DaemonUnavailable("mdserver is not running (admin.sock: gone)")
+
+    app = web.metadata_app(service, upload=relay, host_addresses={"127.0.0.1"})
+    status, headers, body = call(app, "POST", "/instance-upload", ip="127.0.0.1")
+    assert (status, headers["Content-Type"], body) == (200, "application/json",
+                                                       '{"name": "vm1"}')
+    assert call(app, "POST", "/instance-upload", ip="127.0.0.2")[0] == 403
+    assert call(app, "POST", "/instance-upload", ip=GUEST)[0] == 403 and len(got) == 1
+    app = web.metadata_app(service, upload=down, host_addresses={"127.0.0.1"})
+    status, _, body = call(app, "POST", "/instance-upload", ip="127.0.0.1")
+    assert status == 503 and "not running" in body
+
+
+def test_other_server_errors_say_only_internal_error(env, caplog):
+    _, service = env()
+
+    def broken(body):
+        raise MdserverError("secret detail")
+    app = web.metadata_app(service, upload=broken, host_addresses={"127.0.0.1"})
+    status, _, body = call(app, "POST", "/instance-upload", ip="127.0.0.1")
+    assert (status, body) == (500, "internal error\n") and "secret detail" in caplog.text
