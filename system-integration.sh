@@ -25,7 +25,7 @@ Installs mdserver from this source tree (run as root):
   /etc/libvirt/hooks/qemu.d/mdserver
                               the libvirt hook (0755)
   user and group mdserver     system user, no login shell, home /var/lib/mdserver
-  /var/lib/mdserver           state directory, 0750 mdserver:mdserver
+  /var/lib/mdserver           state directory, 0711 mdserver:mdserver
   /etc/mdserver/.install-manifest
                               what was installed, for --uninstall
 Then runs `systemctl daemon-reload` when systemd runs. Running it again changes
@@ -409,12 +409,14 @@ do_install() {
     record "file $HOOK_DIR/mdserver"
 
     # State directory (systemd's StateDirectory= would create it too).
-    ensure_dir "$STATE_DIR" 0750 "$USER_NAME:$USER_NAME"
+    # 0711: QEMU (libvirt-qemu) must traverse it to open a seed image under
+    # seeds/; nobody else may list it, and every file in it has its own mode.
+    ensure_dir "$STATE_DIR" 0711 "$USER_NAME:$USER_NAME"
     if ! had "dir $STATE_DIR" && [ -z "${SEEN[dir $STATE_DIR]:-}" ]; then
         # There before (systemd's StateDirectory=, an earlier install):
         # mdserver's all the same.
         record "dir $STATE_DIR"
-        ensure_mode "$STATE_DIR" 0750
+        ensure_mode "$STATE_DIR" 0711
         ensure_owner "$STATE_DIR" "$USER_NAME:$USER_NAME"
     fi
 

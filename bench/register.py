@@ -23,8 +23,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(ROOT, "tests")]
-from conftest import domain_xml, make_instance  # noqa: E402
-from daemon import Daemon, free_port  # noqa: E402
+from helpers import domain_xml, make_instance  # noqa: E402
+from daemon import Daemon  # noqa: E402
 
 from mdserver import config  # noqa: E402
 from mdserver.dnsmasq import DnsmasqFiles  # noqa: E402
@@ -68,10 +68,9 @@ def per_registration(n: int, new: int) -> float:
 
 def hook_times(runs: int):
     with tempfile.TemporaryDirectory() as d:
-        port = free_port()
-        conf = write_conf(d, listen_address="127.0.0.1", port=str(port))
+        conf = write_conf(d, listen_address="127.0.0.1", port="0")
         populate(d, 10_000)
-        daemon = Daemon(conf, "127.0.0.1", port).wait_ready(60)
+        daemon = Daemon(conf).wait_ready(60)
         xml = domain_xml("hooked", "ec2e0001-aaaa-4bbb-8ccc-000000000001",
                          "52:54:02:00:00:01").encode()
         env = {**os.environ, "MDSERVER_CONFIG": conf}

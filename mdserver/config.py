@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mdserver.errors import ConfigError
+from mdserver.models import NETWORK_MODES, ROUTES
 
 DEFAULT_PATH = "/etc/mdserver/mdserver.conf"
 METADATA_ADDRESS = "169.254.169.254"
@@ -166,7 +167,8 @@ class Key:
 
 
 KEYS: Tuple[Key, ...] = (
-    Key("mdserver", "port", _int_range(1, 65535), "80", "TCP port of the metadata service."),
+    Key("mdserver", "port", _int_range(0, 65535), "80", "TCP port of the metadata service;\n"
+        "0: any free port, written to a file beside admin_socket (admin.sock: admin.port)."),
     Key("mdserver", "listen_address", _ip, METADATA_ADDRESS,
         "Address the metadata service listens on. It may be absent when mdserver\n"
         "starts (the bridge comes up later): mdserver binds it anyway."),
@@ -213,6 +215,22 @@ KEYS: Tuple[Key, ...] = (
     Key("mdserver", "admin_socket", _path, "/run/mdserver/admin.sock",
         "Unix socket for registration and administration (the libvirt hook and\n"
         "mdserverctl use it); mode 0660, group of the daemon's user."),
+    Key("mdserver", "network_config", _choice(*NETWORK_MODES), "dhcp",
+        "Network configuration given to guests (OpenStack network_data.json, NoCloud\n"
+        "network-config, seed images): dhcp (the instance's NIC, by MAC, with DHCP),\n"
+        "static (its address, prefix, gateway and DNS: no DHCP needed after first\n"
+        "boot) or none (cloud-init's own fallback). <mds:network> overrides it."),
+    Key("mdserver", "vendor_data", _optional_path, "",
+        "File with an operator cloud-config or script for every guest, sent through\n"
+        "the vendor-data channel (OpenStack, NoCloud, seed images; EC2 has none),\n"
+        "apart from user-data. Read at start-up. Empty: none."),
+    Key("libvirt", "route", _choice(*ROUTES), "openstack",
+        "How a guest finds its data unless its <mds:route> says otherwise:\n"
+        "openstack, ec2, nocloud-net (over HTTP), configdrive or nocloud (seed\n"
+        "image on a CD-ROM), none. configdrive and nocloud instances get a seed image."),
+    Key("seeds", "dir", _optional_path, "",
+        "Directory of the seed images (<domain UUID>.iso), kept current for every\n"
+        "instance on the configdrive or nocloud route. Empty: seeds/ beside db_file."),
     Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
         "Directory for the generated dnsmasq configuration."),
     Key("dnsmasq", "user", _text, "mdserver", "User dnsmasq runs as (so mdserver can signal it)."),
@@ -233,6 +251,7 @@ KEYS: Tuple[Key, ...] = (
         "Empty: the host's resolvers (/etc/resolv.conf)."),
 )
 KEY_TABLE: Dict[Tuple[str, str], Key] = {(k.section, k.name): k for k in KEYS}
+SECTIONS = ("mdserver", "dnsmasq", "libvirt", "seeds")
 FREE_SECTIONS = ("public-keys", "template-data")
 INCLUDE = "_include_"
 
@@ -260,6 +279,18 @@ class MdserverSection:
     header_timeout: int
     backlog: int
     admin_socket: str
+    network_config: str
+    vendor_data: Optional[str]
+
+
+@dataclass(frozen=True)
+class LibvirtSection:
+    route: str
+
+
+@dataclass(frozen=True)
+class SeedsSection:
+    dir: str
 
 
 @dataclass(frozen=True)
@@ -287,6 +318,8 @@ class DnsmasqSection:
 class Config:
     mdserver: MdserverSection
     dnsmasq: DnsmasqSection
+    libvirt: LibvirtSection
+    seeds: SeedsSection
     public_keys: Tuple[Tuple[str, str], ...]
     template_data: Tuple[Tuple[str, str], ...]  # ordered pairs: picklable, immutable
     path: str = ""
@@ -296,7 +329,7 @@ class Config:
 # Names the user-data context defines itself; [template-data] may not shadow them.
 RESERVED_TEMPLATE_NAMES = frozenset({
     "hostname", "fqdn", "name", "uuid", "mac", "ip", "instance_id",
-    "public_keys", "public_key_list", "mdserver_password",
+    "public_keys", "public_key_list", "mdserver_password", "meta",
 })
 
 
@@ -398,7 +431,7 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
         elif (section, key) in LEGACY_KEYS or section in LEGACY_SECTIONS:
             warnings.append(f"{origin}: [{section}] {key}: md_server 0.6 setting "
                             "not used by mdserver; ignored")
-        elif section in ("mdserver", "dnsmasq", INCLUDE):
+        elif section in SECTIONS + (INCLUDE,):
             raise ConfigError(origin, section, key, "unknown key")
         else:
             raise ConfigError(origin, section, "", "unknown section")
@@ -409,12 +442,13 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
                 KEY_TABLE[(section, name)].default)
         return converted[(section, name)]
 
-    def origin(section: str, key: str) -> str:
+    def origin_of(section: str, key: str) -> str:
         return values.get((section, key), ("", path))[1]
 
     base = os.path.dirname(os.path.abspath(path))
     md = {k.name: get("mdserver", k.name) for k in KEYS if k.section == "mdserver"}
-    for key in ("userdata_dir", "db_file", "logfile", "token_key_file", "admin_socket"):
+    for key in ("userdata_dir", "db_file", "logfile", "token_key_file", "admin_socket",
+                "vendor_data"):
         if md[key]:
             md[key] = os.path.join(base, md[key])
     if md["default_template"]:
@@ -426,10 +460,15 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
     dn = {k.name: get("dnsmasq", k.name) for k in KEYS if k.section == "dnsmasq"}
     dn["base_dir"] = os.path.join(base, dn["base_dir"])
     dnsmasq = DnsmasqSection(**dn)
-    _check_network(dnsmasq, origin)
+    _check_network(dnsmasq, origin_of)
+    seeds_dir = get("seeds", "dir")
+    seeds_dir = os.path.join(base, seeds_dir) if seeds_dir else \
+        os.path.join(os.path.dirname(md["db_file"]), "seeds")
     return Config(
         mdserver=MdserverSection(**md),
         dnsmasq=dnsmasq,
+        libvirt=LibvirtSection(route=get("libvirt", "route")),
+        seeds=SeedsSection(dir=seeds_dir),
         public_keys=tuple(public_keys),
         template_data=tuple(template_data.items()),
         path=path,
@@ -474,7 +513,7 @@ def render_sample() -> str:
     out = ["# mdserver configuration. Every key is shown with its default value.",
            "# Values are read as md_server 0.6 read them: write a literal $ as $$,",
            "# ${section:key} refers to another value.", ""]
-    for section in ("mdserver", "dnsmasq"):
+    for section in SECTIONS:
         out.append(f"[{section}]")
         for k in (k for k in KEYS if k.section == section):
             out += ["# " + line if line else "#" for line in k.doc.split("\n")]

@@ -2,19 +2,25 @@
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 from urllib.parse import quote
 
 from mdserver import adminclient
 from mdserver import config as configmod
-from mdserver.cli import EXIT_CONFIG, build_service
+from mdserver.wiring import EXIT_CONFIG, build_service, build_views
 from mdserver.errors import ConfigError, DaemonUnavailable, MdserverError, TemplateError
+from mdserver.fsutil import atomic_write, safe_name
+from mdserver.models import SEED_ROUTES, Instance
 from mdserver.registry import record_json
+from mdserver.seeds import FORMATS as SEED_FORMATS, seed_image
+from mdserver.service import fresh_seed
 from mdserver.store import Store
-from mdserver.tokens import TokenSigner
+from mdserver.tokens import KEY_BYTES, TokenSigner
+from mdserver.view import derived_seed
 
 COLUMNS = ("name", "ip", "mac", "uuid", "hostname")
 
@@ -43,6 +49,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--yes", action="store_true", help="remove them")
     p.add_argument("--connect", metavar="URI", help="libvirt URI for virsh (default: virsh's)")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "seed", help="write an instance's seed image (ISO), as the daemon makes it",
+        description="Write the config drive or NoCloud seed image of an instance, made from "
+                    "the database (read-only) and the templates as the daemon would make it. "
+                    "Its random_seed matches the daemon's only if the token key file can be "
+                    "read (as root or the daemon's user).")
+    p.add_argument("instance", help="instance name, UUID, MAC or IPv4 address")
+    p.add_argument("--format", choices=SEED_ROUTES,
+                   help="configdrive (label config-2) or nocloud (label cidata); "
+                        "default: the instance's route, if it is one of these")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="file to write (mode 0600), or - for standard output (never a "
+                        "terminal); default: NAME-FORMAT.iso in the current directory "
+                        "(UUID-FORMAT.iso if the name is not a plain file name)")
+    p = sub.add_parser(
+        "password", help="print (or --clear) the encrypted password the guest stored",
+        description="Print the password blob the guest POSTed to /openstack/<v>/password "
+                    "(cloudbase-init: the admin password encrypted with the instance's SSH "
+                    "RSA key, base64; decrypt with `base64 -d | openssl pkeyutl -decrypt "
+                    "-inkey KEY`). Exit 1 if none is stored.")
+    p.add_argument("instance", help="instance name or UUID")
+    p.add_argument("--clear", action="store_true",
+                   help="delete it, so the guest may store a new one (needs the daemon)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
@@ -71,7 +100,7 @@ def userdata(cfg: configmod.Config, args) -> int:
     service = build_service(cfg, store, TokenSigner(os.urandom(32)))
     inst = store.find(args.instance)
     try:
-        path, text = service.userdata(inst)
+        path, text = service.views.userdata(inst)
     except TemplateError as e:
         print(f"mdserverctl: {inst.name}: {e}", file=sys.stderr)
         return 1
@@ -174,8 +203,81 @@ def prune(cfg, args) -> int:
     return 0
 
 
+def _daemon_seed(cfg: configmod.Config) -> Callable[[Instance], bytes]:
+    """The daemon's random seed per instance (derived from its token key), so
+    the image is the daemon's byte for byte; a fresh one if the key cannot be
+    read. The key is only read: a key file created here (as root) would lock
+    the daemon out of it."""
+    path = cfg.mdserver.token_key_file
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) < KEY_BYTES:
+            raise ValueError("shorter than a key")
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        print(f"mdserverctl: warning: cannot read {path} ({reason}): random_seed differs "
+              "from the daemon's image", file=sys.stderr)
+        return fresh_seed
+    return derived_seed(key)
+
+
+def seed(cfg: configmod.Config, args) -> int:
+    inst = Store(cfg.mdserver.db_file, writable=False).find(args.instance)
+    route = inst.settings.route or cfg.libvirt.route
+    fmt = args.format or (route if route in SEED_ROUTES else None)
+    if fmt is None:
+        raise MdserverError(f"{inst.name}: its route is {route}, not a seed route: "
+                            f"give --format {' or '.join(SEED_ROUTES)}")
+    output = args.output or "%s-%s.iso" % (inst.name if safe_name(inst.name) else inst.uuid,
+                                           fmt)
+    if output == "-" and sys.stdout.isatty():
+        raise MdserverError("refusing to write an ISO image to a terminal: "
+                            "redirect it or give -o FILE")
+    views = build_views(cfg, _daemon_seed(cfg))
+    try:
+        views.userdata(inst)
+    except TemplateError as e:
+        print(f"mdserverctl: warning: {inst.name}: user-data left out of the image: {e}",
+              file=sys.stderr)
+        # said once here: not again by each face that leaves it out
+        logging.getLogger("mdserver.faces").setLevel(logging.CRITICAL)
+    data = seed_image(views(inst), fmt)
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        try:
+            atomic_write(output, data, 0o600)  # user-data and password hash inside
+        except OSError as e:
+            raise MdserverError(f"cannot write {output}: {e.strerror or e}") from None
+    print(f"# {inst.name}: {fmt} image (label {SEED_FORMATS[fmt][0]}), {len(data)} bytes"
+          f" -> {'standard output' if output == '-' else output}", file=sys.stderr)
+    return 0
+
+
+def password(cfg: configmod.Config, args) -> int:
+    url = _url(args.instance) + "/password"
+    try:
+        blob = _daemon(cfg, "GET", url)["password"]
+    except DaemonUnavailable as e:
+        if args.clear:
+            raise MdserverError(f"{e}: changes need the running daemon") from None
+        print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
+        blob = Store(cfg.mdserver.db_file, writable=False).find(args.instance).password_blob
+    if not blob:
+        print(f"mdserverctl: {args.instance}: no password stored", file=sys.stderr)
+        return 1
+    if args.clear:
+        _write(cfg, "DELETE", url)
+        print(f"# {args.instance}: stored password cleared", file=sys.stderr)
+    else:
+        print(blob)
+    return 0
+
+
 COMMANDS = {"userdata": userdata, "list": list_, "show": show, "register": register,
-            "remove": remove, "prune": prune}
+            "remove": remove, "prune": prune, "seed": seed, "password": password}
 
 
 if __name__ == "__main__":

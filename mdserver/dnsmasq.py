@@ -56,6 +56,8 @@ def render_conf(cfg: Config) -> str:
     # Clients that honour option 121 ignore option 3: give both routes.
     lines.append(f"dhcp-option=option:classless-static-route,{metadata}/32,{dn.gateway},"
                  f"0.0.0.0/0,{dn.gateway}")
+    # `metadata` names the metadata address (NoCloud's s=http://metadata/...).
+    lines.append(f"host-record=metadata,{metadata}")
     if dn.use_dns:
         lines.append(f"dhcp-option=option:dns-server,{dn.gateway}")
     else:

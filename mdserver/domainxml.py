@@ -8,16 +8,22 @@ from typing import Any, List, Optional
 import xmltodict
 from xml.parsers.expat import ExpatError
 
-from mdserver.config import CRYPT_HASH, HOST_LABEL
+from mdserver.config import CRYPT_HASH, HOST_LABEL, RESERVED_TEMPLATE_NAMES
 from mdserver.errors import BadDomainXML, PayloadTooLarge
 from mdserver.fsutil import safe_name
-from mdserver.models import InstanceSettings
+from mdserver.models import NETWORK_MODES, ROUTES, InstanceSettings
 
 # Real domain XML can pass 100 KB (many devices, long metadata); 2 MiB is
 # far above that and still cheap to parse.
 MAX_XML_BYTES = 2 * 1024 * 1024
 NAMESPACE = "urn:mdserver:1"
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# nova's defaults: 128 metadata items, keys and values of up to 255 characters.
+MAX_META = 128
+MAX_META_KEY = 255
+MAX_META_VALUE = 255
+# Keys cloud-init acts on when it finds them in OpenStack's `meta`.
+CLOUD_INIT_META_KEYS = frozenset({"dsmode"})
 SSH_KEY = re.compile(r"^(ssh-|ecdsa-|sk-)[A-Za-z0-9@._-]+ [A-Za-z0-9+/=]+( [^\n\r]*)?$")
 
 
@@ -81,17 +87,17 @@ def parse(data: bytes, net_name: str, bridge: Optional[str] = None) -> DomainInf
 def _managed_mac(domain: dict, net_name: str, bridge: Optional[str]) -> str:
     """The MAC of the first interface on the managed network (or, in the
     live XML a hook may see, on its bridge)."""
-    devices = domain.get("devices") if isinstance(domain.get("devices"), dict) else {}
+    devices: dict = domain["devices"] if isinstance(domain.get("devices"), dict) else {}
     for iface in _list(devices.get("interface")):
         if not isinstance(iface, dict):
             continue
-        source = iface.get("source") if isinstance(iface.get("source"), dict) else {}
+        source: dict = iface["source"] if isinstance(iface.get("source"), dict) else {}
         on_net = iface.get("@type") == "network" and source.get("@network") == net_name
         on_bridge = bridge is not None and iface.get("@type") == "bridge" \
             and source.get("@bridge") == bridge
         if not (on_net or on_bridge):
             continue
-        mac_el = iface.get("mac") if isinstance(iface.get("mac"), dict) else {}
+        mac_el: dict = iface["mac"] if isinstance(iface.get("mac"), dict) else {}
         mac = (mac_el.get("@address") or "").strip().lower()
         if not MAC.match(mac):
             raise BadDomainXML(f"the interface on network {net_name!r} has no valid "
@@ -125,4 +131,46 @@ def _settings(metadata: Any) -> InstanceSettings:
         raise BadDomainXML("<mds:password> is not a crypt hash cloud-init recognises "
                            "($1$, $2a$, $2y$, $5$ or $6$)")
     return InstanceSettings(template=template or None, hostname=hostname or None,
-                            ssh_keys=tuple(keys), password=password or None)
+                            ssh_keys=tuple(keys), password=password or None,
+                            meta=_meta(block.get("mds:meta")),
+                            network=_choice(block, "network", NETWORK_MODES),
+                            route=_choice(block, "route", ROUTES))
+
+
+def _choice(block: dict, tag: str, options) -> Optional[str]:
+    value = _text(block.get(f"mds:{tag}"))
+    if value is None or value == "":
+        return None
+    if value not in options:
+        raise BadDomainXML(f"<mds:{tag}> {value!r} is not one of {', '.join(options)}")
+    return value
+
+
+def _meta(elements: Any) -> tuple:
+    """<mds:meta key="k">v</mds:meta>, each once. Values keep every inner
+    character (each face renders them through a JSON or YAML serialiser);
+    leading and trailing white space goes, as XML indentation would."""
+    out: dict = {}
+    for element in _list(elements):
+        key = element.get("@key") if isinstance(element, dict) else None
+        value = (element.get("#text") or "") if isinstance(element, dict) else (element or "")
+        value = value.strip()  # (xmltodict strips already; said here, not assumed)
+        if not isinstance(key, str) or not key.strip():
+            raise BadDomainXML("<mds:meta> needs a key attribute")
+        if len(key) > MAX_META_KEY or len(value) > MAX_META_VALUE:
+            raise BadDomainXML(f"<mds:meta key={key[:40]!r}>: keys and values are limited "
+                               f"to {MAX_META_KEY} characters")
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise BadDomainXML(f"<mds:meta key={key!r}>: control characters in the key")
+        if key in CLOUD_INIT_META_KEYS:
+            raise BadDomainXML(f"<mds:meta key={key!r}>: cloud-init acts on this key; "
+                               "not accepted")
+        if key in RESERVED_TEMPLATE_NAMES:
+            raise BadDomainXML(f"<mds:meta key={key!r}>: shadows a name mdserver gives "
+                               "every template")
+        if key in out:
+            raise BadDomainXML(f"<mds:meta key={key!r}> appears twice")
+        out[key] = value
+    if len(out) > MAX_META:
+        raise BadDomainXML(f"more than {MAX_META} <mds:meta> elements")
+    return tuple(out.items())

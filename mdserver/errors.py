@@ -42,6 +42,10 @@ class PayloadTooLarge(BadRequest):
     """A request body is over its documented limit."""
 
 
+class Conflict(MdserverError):
+    """The request would overwrite something that may be set only once."""
+
+
 class PoolExhausted(MdserverError):
     """No free address is left in the configured network."""
 

@@ -5,7 +5,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional, Tuple
 
 # Version of the on-disk record layout; bump it with a converter in store.py.
-SCHEMA_VERSION = 1
+# 2: settings gained meta, network and route; records gained password_blob.
+SCHEMA_VERSION = 2
+
+# How a guest finds its data (<mds:route>, [libvirt] route).
+ROUTES = ("openstack", "ec2", "nocloud-net", "configdrive", "nocloud", "none")
+# Routes whose data travels on a seed image, and that image's format.
+SEED_ROUTES = ("configdrive", "nocloud")
+NETWORK_MODES = ("none", "dhcp", "static")
 
 
 @dataclass(frozen=True)
@@ -16,6 +23,10 @@ class InstanceSettings:
     hostname: Optional[str] = None
     ssh_keys: Tuple[str, ...] = ()
     password: Optional[str] = None
+    # <mds:meta key="k">v</mds:meta>, in document order.
+    meta: Tuple[Tuple[str, str], ...] = ()
+    network: Optional[str] = None  # one of NETWORK_MODES; None: [mdserver] network_config
+    route: Optional[str] = None  # one of ROUTES; None: [libvirt] route
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InstanceSettings":
@@ -24,6 +35,9 @@ class InstanceSettings:
             hostname=d.get("hostname"),
             ssh_keys=tuple(d.get("ssh_keys") or ()),
             password=d.get("password"),
+            meta=tuple((str(k), str(v)) for k, v in d.get("meta") or ()),
+            network=d.get("network"),
+            route=d.get("route"),
         )
 
 
@@ -40,15 +54,20 @@ class Instance:
     last_seen: float
     arch: str = "x86_64"
     settings: InstanceSettings = field(default_factory=InstanceSettings)
+    # What the guest POSTed to /openstack/<v>/password (cloudbase-init: an
+    # admin password encrypted with the instance's key), once.
+    password_blob: Optional[str] = None
 
     @property
     def instance_id(self) -> str:
-        # Stable per domain: cloud-init re-runs first-boot setup when it changes.
+        """The EC2 face's instance-id. Stable per domain: cloud-init re-runs
+        first-boot setup when it changes (the other faces serve the UUID)."""
         return "i-" + self.uuid.replace("-", "")[:17]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["settings"]["ssh_keys"] = list(self.settings.ssh_keys)
+        d["settings"]["meta"] = [list(kv) for kv in self.settings.meta]
         return d
 
     @classmethod
@@ -63,6 +82,7 @@ class Instance:
             last_seen=float(d["last_seen"]),
             arch=d.get("arch", "x86_64"),
             settings=InstanceSettings.from_dict(d.get("settings") or {}),
+            password_blob=d.get("password_blob"),
         )
 
     def updated(self, **changes: Any) -> "Instance":

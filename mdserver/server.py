@@ -1,4 +1,4 @@
-"""The listeners: the admin socket in the main process, guests under granian; signals, readiness."""
+"""The guest listener: granian wiring, its port, waiting for the address, readiness, the worker's start."""
 
 import errno
 import logging
@@ -6,16 +6,17 @@ import multiprocessing
 import os
 import signal
 import socket
-import socketserver
 import threading
 import time
 from functools import partial
-from socketserver import ThreadingMixIn
-from typing import Callable, Dict, Tuple
-from wsgiref.simple_server import WSGIRequestHandler
+from typing import Callable, Optional, Tuple
 
 from mdserver import logs
-from mdserver.config import Config
+from mdserver.adminserver import close_admin, serve_admin
+from mdserver.config import Config, MdserverSection
+from mdserver.fsutil import atomic_write
+from mdserver.notify import sd_notify
+from mdserver.signals import on_signals
 
 log = logging.getLogger(__name__)
 
@@ -30,48 +31,21 @@ GRANIAN_LOGGING = {
     },
 }
 
-
-def sd_notify(message: str, environ=os.environ) -> bool:
-    """Send `message` to systemd's notify socket, if there is one (Type=notify)."""
-    address = environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(message.encode())
-    except OSError as e:  # systemd gone or a stale variable: not worth dying for
-        log.warning("cannot notify %s: %s", address, e.strerror)
-        return False
-    return True
+# What the worker process builds: the guest app and its replica-refresh function.
+Build = Callable[[Config], Tuple[Callable, Callable[[], object]]]
+# Told (host, port) once guests are served there.
+OnListening = Callable[[str, int], None]
 
 
-def on_signals(actions: Dict[int, Callable[[], None]]) -> None:
-    """Run actions[signum] on each of those signals, in a thread of its own.
-
-    The signals are blocked in the calling thread and so in every thread
-    started after it (and in child processes); one thread takes them with
-    sigwait(). A Python-level handler is not enough here: the kernel may
-    deliver a signal to a native server thread while the main thread sits in
-    a blocking wait, and the handler would then not run until something else
-    wakes it.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(actions))
-
-    def loop():
-        while True:
-            signum = signal.sigwait(set(actions))
-            try:
-                actions[signum]()
-            except Exception:  # one failed action must not end the loop
-                log.exception("handling signal %d failed", signum)
-
-    threading.Thread(target=loop, daemon=True, name="signals").start()
+def port_file(admin_socket: str) -> str:
+    """Where the daemon reports the port it serves guests on: beside the admin
+    socket, `admin.sock` -> `admin.port`. One line, the port number; written
+    when serving starts, removed at exit. Useful with `port = 0`."""
+    stem, ext = os.path.splitext(admin_socket)
+    return (stem if ext == ".sock" else admin_socket) + ".port"
 
 
-def _worker_app(cfg: Config, build: Callable[[Config], Tuple[Callable, Callable[[], bool]]]):
+def _worker_app(cfg: Config, build: Build) -> Callable:
     """Runs in the worker process: its logging, then the app. SIGUSR1 from
     the main process means "the database changed": refresh the replica."""
     handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
@@ -84,57 +58,8 @@ def _worker_app(cfg: Config, build: Callable[[Config], Tuple[Callable, Callable[
 def notify_workers() -> None:
     """Main process: tell the guest-facing worker the database changed."""
     for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGUSR1)
-
-
-class _AdminHandler(WSGIRequestHandler):
-    def log_message(self, fmt: str, *args) -> None:  # errors are logged by the app
-        pass
-
-
-class _AdminServer(ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    allow_reuse_address = False
-
-    def __init__(self, path: str, app: Callable):
-        self.app = app
-        super().__init__(path, _AdminHandler)
-
-    def get_app(self) -> Callable:
-        return self.app
-
-    def get_request(self):
-        # wsgiref expects an (address, port) peer; a Unix socket has none.
-        sock, _ = self.socket.accept()
-        return sock, ("unix", 0)
-
-    def server_bind(self) -> None:
-        # Mode 0660 from the start (no window with a wider mode): the daemon's
-        # own user and group only (the hook runs as root).
-        old = os.umask(0o117)
-        try:
-            socketserver.UnixStreamServer.server_bind(self)
-        finally:
-            os.umask(old)
-        self.server_name, self.server_port = "localhost", 0
-        self.setup_environ()
-
-    def setup_environ(self) -> None:
-        self.base_environ = {"SERVER_NAME": "localhost", "SERVER_PORT": "0",
-                             "GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_NAME": "",
-                             "REMOTE_HOST": ""}
-
-
-def serve_admin(app: Callable, path: str) -> _AdminServer:
-    """The admin app on a Unix socket, in a thread; a stale socket file is replaced."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    server = _AdminServer(path, app)
-    threading.Thread(target=server.serve_forever, daemon=True, name="admin").start()
-    return server
+        if child.pid is not None:
+            os.kill(child.pid, signal.SIGUSR1)
 
 
 def address_is_local(host: str) -> bool:
@@ -149,10 +74,52 @@ def address_is_local(host: str) -> bool:
     return True
 
 
-def _notify_when_listening(host: str, port: int, timeout: float = 60.0) -> None:
-    """READY=1 once a connection succeeds: the worker opens its listener only
-    after its app is built, so this means "serving". Sent from the main
-    process, which is what NotifyAccess=main accepts."""
+def reserve_port(host: str) -> socket.socket:
+    """A free port on `host`, held for the daemon's lifetime (for `port = 0`).
+
+    granian binds in its worker, per worker, with SO_REUSEPORT, and cannot
+    be handed a socket or asked which port it got. So the main process binds
+    port 0 itself with SO_REUSEPORT and keeps that socket bound but not
+    listening: the worker joins the same port, the kernel hands connections
+    only to listening sockets, and any other program binding the port gets
+    EADDRINUSE (a reuseport group admits only the same user). No window in
+    which the port is free, as there would be with "find a free port, close
+    it, pass the number on".
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, 0))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+class _LogFile:
+    """Our log file handler of the moment, for SIGHUP (logrotate): granian's
+    constructor reconfigures logging, after which ours is set up again."""
+
+    def __init__(self, md: MdserverSection):
+        self.md = md
+        self.handler: Optional[logs.ReopenableFileHandler] = None
+        self.setup()
+
+    def setup(self) -> None:
+        self.handler = logs.setup(self.md.loglevel, self.md.logfile)
+
+    def reopen(self) -> None:
+        if self.handler is not None:
+            self.handler.reopen()
+
+
+def _announce(host: str, port: int, report: str, on_listening: Optional[OnListening],
+              timeout: float = 60.0) -> None:
+    """Once a connection succeeds (the worker opens its listener only after
+    its app is built, so this means "serving"): the log line, `on_listening`,
+    the port file, READY=1 with the address (from the main process, which is
+    what NotifyAccess=main accepts). Whoever sees the last two sees the rest."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -161,57 +128,58 @@ def _notify_when_listening(host: str, port: int, timeout: float = 60.0) -> None:
             time.sleep(0.02)
             continue
         log.info("listening on %s:%d", host, port)
+        if on_listening is not None:
+            on_listening(host, port)
+        try:
+            atomic_write(report, f"{port}\n".encode())
+        except OSError as e:  # a report nobody may read is no reason to stop serving
+            log.warning("cannot write %s: %s", report, e.strerror)
         sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}")
         return
     log.error("not listening on %s:%d after %.0f s", host, port, timeout)
 
 
-def run(cfg: Config, admin: Callable,
-        build: Callable[[Config], Tuple[Callable, Callable[[], bool]]]) -> int:
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def run(cfg: Config, admin: Callable, build: Build,
+        on_listening: Optional[OnListening] = None) -> int:
     """Serve until SIGTERM/SIGINT: `admin` on the admin socket here, in the
     main process; the guest listener in a granian worker, whose app and
-    replica-refresh function `build(cfg)` makes there."""
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP1Settings
-    from granian.log import LogLevels
-    from granian.server import Server
-
+    replica-refresh function `build(cfg)` makes there. `on_listening(host,
+    port)` is called once guests are served (port 0 resolved)."""
     md = cfg.mdserver
-    server = Server(
-        "mdserver", address=md.listen_address, port=md.port, interface=Interfaces.WSGI,
-        http=HTTPModes.http1, workers=1, blocking_threads=md.threads,
-        backpressure=md.max_connections, backlog=md.backlog,
-        http1_settings=HTTP1Settings(header_read_timeout=md.header_timeout * 1000),
-        websockets=False, log_dictconfig=GRANIAN_LOGGING, log_level=LogLevels(md.loglevel),
-        log_access=False, respawn_failed_workers=True, workers_kill_timeout=10,
-    )
-    # granian's constructor reconfigures logging; put ours back.
-    file_handler = logs.setup(md.loglevel, md.logfile)
+    log_file = _LogFile(md)
 
-    def reopen_everywhere():
+    def reopen_everywhere() -> None:
         # logrotate: reopen here and in the worker (which logs for the app);
         # never granian's default of respawning the worker.
-        if file_handler is not None:
-            file_handler.reopen()
+        log_file.reopen()
         for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGHUP)
+            if child.pid is not None:
+                os.kill(child.pid, signal.SIGHUP)
 
     # First, so that every later thread, and the worker process, has both
     # blocked: the worker takes SIGUSR1 itself, and must not die of one that
     # arrives before it is ready for it.
     on_signals({signal.SIGHUP: reopen_everywhere, signal.SIGUSR1: lambda: None})
+    report = port_file(md.admin_socket)
+    _remove(report)  # a stale one would name a port nobody serves
     admin_server = serve_admin(admin, md.admin_socket)
     try:
         if not _wait_for_address(md.listen_address):
             return 0
-        return _serve(server, cfg, build)
+        if md.port != 0:
+            return _serve(cfg, md.port, build, log_file, report, on_listening)
+        with reserve_port(md.listen_address) as held:
+            return _serve(cfg, held.getsockname()[1], build, log_file, report, on_listening)
     finally:
-        admin_server.shutdown()
-        admin_server.server_close()
-        try:
-            os.unlink(md.admin_socket)
-        except FileNotFoundError:
-            pass
+        close_admin(admin_server, md.admin_socket)
+        _remove(report)
 
 
 def _wait_for_address(host: str) -> bool:
@@ -237,17 +205,32 @@ def _wait_for_address(host: str) -> bool:
             signal.signal(s, handler)
 
 
-def _serve(server, cfg: Config, build) -> int:
-    md = cfg.mdserver
+def _serve(cfg: Config, port: int, build: Build, log_file: _LogFile, report: str,
+           on_listening: Optional[OnListening]) -> int:
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+    from granian.server import Server
 
-    def on_stop(*_):
+    md = cfg.mdserver
+    server = Server(
+        "mdserver", address=md.listen_address, port=port, interface=Interfaces.WSGI,
+        http=HTTPModes.http1, workers=1, blocking_threads=md.threads,
+        backpressure=md.max_connections, backlog=md.backlog,
+        http1_settings=HTTP1Settings(header_read_timeout=md.header_timeout * 1000),
+        websockets=False, log_dictconfig=GRANIAN_LOGGING, log_level=LogLevels(md.loglevel),
+        log_access=False, respawn_failed_workers=True, workers_kill_timeout=10,
+    )
+    log_file.setup()  # granian's constructor reconfigured logging: ours again
+
+    def on_stop(*_: object) -> None:
         sd_notify("STOPPING=1")
         server.signal_handler_interrupt()
 
-    def on_startup():
+    def on_startup() -> None:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
-        threading.Thread(target=_notify_when_listening, args=(md.listen_address, md.port),
+        threading.Thread(target=_announce, args=(md.listen_address, port, report, on_listening),
                          daemon=True, name="readiness").start()
 
     server.on_startup(on_startup)

@@ -1,36 +1,62 @@
-"""The use cases: who is asking, their metadata, their user-data, their tokens."""
+"""The use cases: who is asking, the views of instances, each face's answers, tokens."""
 
 import logging
+import os
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-from mdserver import metadata, userdata
+from mdserver import userdata
 from mdserver.config import Config
 from mdserver.errors import Forbidden, NotFound, Unauthorized, UnknownGuest
-from mdserver.metadata import KNOWN_VERSIONS, LATEST, Site
+from mdserver.faces import Reply
+from mdserver.faces.ec2 import LATEST
 from mdserver.models import Instance
 from mdserver.store import Store
 from mdserver.tokens import TokenSigner, parse_ttl
+from mdserver.view import SEED_BYTES, InstanceView, Site, make_view
 
 log = logging.getLogger(__name__)
+
+
+def fresh_seed(inst: Instance) -> bytes:
+    return os.urandom(SEED_BYTES)
+
+
+class Views:
+    """Builds InstanceViews: the site's facts, the instance's, its user-data renderer."""
+
+    def __init__(self, cfg: Config, templates: userdata.Templates,
+                 vendor_data: Optional[str] = None,
+                 seed: Callable[[Instance], bytes] = fresh_seed):
+        self.cfg = cfg
+        self.templates = templates
+        self.site = Site.from_config(cfg, vendor_data)
+        self.seed = seed
+
+    def userdata(self, inst: Instance) -> Tuple[str, str]:
+        """(template used, rendered user-data) for `inst`, or TemplateError."""
+        ctx = userdata.context(inst, self.site, self.cfg)
+        return self.templates.render(inst, ctx)
+
+    def __call__(self, inst: Instance) -> InstanceView:
+        return make_view(inst, self.site, inst.settings.password or self.cfg.mdserver.password,
+                         self.seed(inst), lambda: self.userdata(inst)[1])
 
 
 class MetadataService:
     """Answers guests. Everything it needs is passed in."""
 
-    def __init__(self, cfg: Config, store: Store, signer: TokenSigner,
-                 templates: userdata.Templates):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, store: Store, signer: TokenSigner, views: Views):
         self.store = store
         self.signer = signer
-        self.templates = templates
-        self.site = Site.from_config(cfg)
+        self.views = views
         self.tokens_required = cfg.mdserver.imds_tokens == "required"
-        # uuid -> (the Instance object it was built from, flattened tree).
-        # Records are immutable and replaced on change, so identity tells
-        # whether a cached tree is current.
-        self._trees: Dict[str, Tuple[Instance, Dict[str, str]]] = {}
-        self._trees_lock = threading.Lock()
+        # Records are immutable and replaced on change, so the identity of
+        # the record a cache entry was built from tells whether it is current.
+        self._views: Dict[str, Tuple[Instance, InstanceView]] = {}
+        # (face, uuid) -> (record, {path: reply})
+        self._replies: Dict[Tuple[str, str], Tuple[Instance, Dict[str, Reply]]] = {}
+        self._lock = threading.Lock()
 
     # -- identity and tokens -------------------------------------------------
 
@@ -66,35 +92,36 @@ class MetadataService:
 
     # -- content -------------------------------------------------------------
 
-    def tree(self, inst: Instance) -> Dict[str, str]:
-        cached = self._trees.get(inst.uuid)
+    def view(self, inst: Instance) -> InstanceView:
+        cached = self._views.get(inst.uuid)
         if cached is not None and cached[0] is inst:
             return cached[1]
-        flat = metadata.flatten(metadata.build_tree(inst, self.site))
-        with self._trees_lock:
-            self._trees[inst.uuid] = (inst, flat)
-            if len(self._trees) > 2 * len(self.store) + 64:
-                self._trees = {u: v for u, v in self._trees.items()
+        view = self.views(inst)
+        with self._lock:
+            self._views[inst.uuid] = (inst, view)
+            if len(self._views) > 2 * len(self.store) + 64:
+                self._views = {u: v for u, v in self._views.items()
                                if self.store.by_uuid(u) is v[0]}
-        return flat
+                self._replies = {k: v for k, v in self._replies.items()
+                                 if self.store.by_uuid(k[1]) is v[0]}
+        return view
 
-    def lookup(self, ip: str, version: str, path: str) -> str:
-        """The body for GET /<version>/<path> from guest `ip`; NotFound otherwise."""
-        if version not in KNOWN_VERSIONS:
-            raise NotFound(f"unknown version {version!r}")
+    def answer(self, face, ip: str, path: str) -> Reply:
+        """`face`'s reply to GET <face root>/<path> from guest `ip`; NotFound otherwise."""
         inst = self.guest(ip)
-        body = self.tree(inst).get(path.strip("/"))
-        if body is None:
+        key = (face.NAME, inst.uuid)
+        cached = self._replies.get(key)
+        if cached is not None and cached[0] is inst:
+            reply = cached[1].get(path)
+            if reply is not None:
+                return reply
+        reply = face.lookup(self.view(inst), path)
+        if reply is None:
             raise NotFound(f"no such path {path!r}")
-        return body
-
-    def userdata(self, inst: Instance) -> Tuple[str, str]:
-        """(template used, rendered user-data) for `inst`, or TemplateError."""
-        ctx = userdata.context(inst, self.site, self.cfg)
-        return self.templates.render(inst, ctx)
-
-    def guest_userdata(self, ip: str, version: str) -> str:
-        if version not in KNOWN_VERSIONS:
-            raise NotFound(f"unknown version {version!r}")
-        return self.userdata(self.guest(ip))[1]
-
+        if reply.cacheable:
+            with self._lock:
+                cached = self._replies.get(key)
+                if cached is None or cached[0] is not inst:
+                    cached = self._replies[key] = (inst, {})
+                cached[1][path] = reply
+        return reply

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import threading
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, Iterator, Optional, Tuple
 
 from mdserver import legacy
 from mdserver.errors import NotFound, StoreCorrupt, StoreLocked
@@ -66,6 +66,30 @@ class _Index:
             self.put(Instance.from_dict(record))
 
 
+def _from_v1(snapshot: dict) -> dict:
+    # Schema 2 added optional fields (settings meta/network/route, the
+    # password blob) whose absence means "not set": the records read as
+    # they are. Journal lines carry no version and read the same way.
+    return dict(snapshot, schema=2)
+
+
+# schema -> converter to the next schema; a database written by an earlier
+# mdserver is upgraded in memory and written in the new form at the next
+# compaction.
+CONVERTERS = {1: _from_v1}
+
+
+def upgrade(snapshot: dict, path: str) -> dict:
+    """`snapshot` in SCHEMA_VERSION's layout, or StoreCorrupt for an unknown schema."""
+    while snapshot["schema"] != SCHEMA_VERSION:
+        convert = CONVERTERS.get(snapshot["schema"])
+        if convert is None:
+            raise StoreCorrupt(f"{path}: schema {snapshot['schema']!r} is not one this "
+                               f"mdserver reads (1..{SCHEMA_VERSION})")
+        snapshot = convert(snapshot)
+    return snapshot
+
+
 def _encode(entry: dict) -> bytes:
     return json.dumps(entry, separators=(",", ":"), sort_keys=True).encode() + b"\n"
 
@@ -85,7 +109,7 @@ class Store:
         self.freed_retention = freed_retention
         self._lock = threading.RLock()
         self._lockfile: Optional[int] = None
-        self._journal = None
+        self._journal: Optional[BinaryIO] = None
         self._journal_ino: Optional[int] = None
         self._offset = 0
         self._entries = 0
@@ -121,9 +145,7 @@ class Store:
             snapshot = self._import_legacy(snapshot)
         if not isinstance(snapshot, dict) or "schema" not in snapshot:
             raise StoreCorrupt(f"{self.path}: not an mdserver database (no schema version)")
-        if snapshot["schema"] != SCHEMA_VERSION:
-            raise StoreCorrupt(f"{self.path}: schema {snapshot['schema']} is not "
-                               f"{SCHEMA_VERSION}")
+        snapshot = upgrade(snapshot, self.path)
         try:
             for record in snapshot["instances"]:
                 idx.put(Instance.from_dict(record))

@@ -11,7 +11,7 @@ from bottle import SimpleTemplate
 from mdserver.config import Config
 from mdserver.errors import TemplateError
 from mdserver.fsutil import safe_name
-from mdserver.metadata import Site, all_keys, local_hostname
+from mdserver.view import Site, all_keys, local_hostname
 from mdserver.models import Instance
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,11 @@ def context(inst: Instance, site: Site, cfg: Config) -> Dict[str, object]:
         mac=inst.mac,
         ip=inst.ipv4,
         instance_id=inst.instance_id,
+        meta=dict(inst.settings.meta),
     )
+    # Per-instance values also by their own name, where that is a name
+    # (registration refused those that shadow the names above).
+    ctx.update((k, v) for k, v in inst.settings.meta if k.isidentifier())
     password = inst.settings.password or cfg.mdserver.password
     if password:
         ctx["mdserver_password"] = password

@@ -1,16 +1,17 @@
 """Bottle apps: the guest-facing metadata app. The only module that imports bottle's app side."""
 
+import functools
 import json
 import logging
-from typing import Callable, Collection, Iterable, Optional, Tuple
+from typing import Callable, Collection, Dict, Iterable, Optional, Tuple
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from mdserver.errors import (BadRequest, DaemonUnavailable, Forbidden, MdserverError,
-                             NotFound, PayloadTooLarge, PoolExhausted, StoreLocked,
-                             TemplateError, Unauthorized)
+from mdserver.errors import (BadRequest, Conflict, DaemonUnavailable, Forbidden,
+                             MdserverError, NotFound, PayloadTooLarge, PoolExhausted,
+                             StoreLocked, TemplateError, Unauthorized)
 from mdserver.domainxml import MAX_XML_BYTES
-from mdserver.metadata import VERSION_LISTING
+from mdserver.faces import Reply, ec2, nocloud, openstack
 from mdserver.registry import Registry, record_json
 from mdserver.service import MetadataService
 
@@ -20,7 +21,7 @@ access = logging.getLogger("mdserver.access")
 TEXT = "text/plain"
 STATUS = (  # most specific first
     (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (PayloadTooLarge, 413),
-    (BadRequest, 400),
+    (Conflict, 409), (BadRequest, 400),
     (PoolExhausted, 503), (StoreLocked, 503), (DaemonUnavailable, 503), (TemplateError, 500),
 )
 TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"
@@ -73,44 +74,91 @@ def read_body(environ: dict, limit: int = MAX_XML_BYTES) -> bytes:
 
 
 Relay = Callable[[bytes], Tuple[int, bytes]]
+PasswordRelay = Callable[[str, bytes], Tuple[int, bytes]]  # (uuid, blob) -> (status, body)
+
+
+def errors_to_status(callback: Callable) -> Callable:
+    """Bottle plugin: an MdserverError raised by a route becomes its status
+    and one log line (error_response), so no route needs a try/except."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except MdserverError as e:
+            return error_response(e)
+
+    return wrapper
+
+
+def _reply(reply: Reply, headers: Optional[Dict[str, str]] = None) -> HTTPResponse:
+    return HTTPResponse(reply.body, 200, {"Content-Type": reply.content_type, **(headers or {})})
 
 
 def metadata_app(service: MetadataService, access_log: bool = False,
                  upload: Optional[Relay] = None,
-                 host_addresses: Collection[str] = ()) -> Callable:
+                 host_addresses: Collection[str] = (),
+                 password: Optional[PasswordRelay] = None) -> Callable:
     """The WSGI app guests talk to, identified by their TCP source address only.
 
-    POST /instance-upload (md_server's registration URL) is accepted from
-    `host_addresses` only and handed to `upload` (the main process's registry).
+    One route set per face: OpenStack under /openstack, NoCloud under
+    /nocloud, EC2 everywhere else (its IMDSv2 token checks wrap its routes
+    only). POST /instance-upload (md_server's registration URL) is accepted
+    from `host_addresses` only and handed to `upload` (the main process's
+    registry); a guest's POST of its password goes to `password`.
     """
     app = Bottle(catchall=True)
     app.default_error_handler = _plain_error
+    app.install(errors_to_status)
+
+    def guest_ip() -> str:
+        return request.environ["REMOTE_ADDR"]  # never X-Forwarded-For: a guest could claim any identity
 
     @app.post("/instance-upload")
     def instance_upload():
         env = request.environ
-        try:
-            if env["REMOTE_ADDR"] not in host_addresses or upload is None:
-                raise Forbidden("registration is accepted from this host only")
-            status, data = upload(read_body(env))
-        except MdserverError as e:
-            return error_response(e)
+        if env["REMOTE_ADDR"] not in host_addresses or upload is None:
+            raise Forbidden("registration is accepted from this host only")
+        status, data = upload(read_body(env))
         ctype = "application/json" if status == 200 else TEXT
         return HTTPResponse(data, status, {"Content-Type": ctype})
 
+    # -- OpenStack -------------------------------------------------------------
+    @app.get("/openstack")
+    @app.get("/openstack/")
+    @app.get("/openstack/<path:path>")
+    def openstack_get(path=""):
+        return _reply(service.answer(openstack, guest_ip(), path))
+
+    @app.post("/openstack/<version>/password")
+    def openstack_password(version):
+        if version not in openstack.ALL_VERSIONS[1:]:  # nova: from 2013-04-04
+            raise NotFound(f"no password at version {version!r}")
+        inst = service.guest(guest_ip())
+        body = read_body(request.environ, openstack.PASSWORD_MAX)
+        if password is None:
+            raise Forbidden("passwords cannot be stored here")
+        status, data = password(inst.uuid, body)
+        # The record the admin socket answers with is not the guest's business.
+        return HTTPResponse(b"" if status == 200 else data, status, {"Content-Type": TEXT})
+
+    # -- NoCloud ---------------------------------------------------------------
+    @app.get("/nocloud")
+    @app.get("/nocloud/")
+    @app.get("/nocloud/<path:path>")
+    def nocloud_get(path=""):
+        return _reply(service.answer(nocloud, guest_ip(), path))
+
+    # -- EC2 -------------------------------------------------------------------
     @app.get("/")
     def versions():
-        return HTTPResponse(VERSION_LISTING, 200, {"Content-Type": TEXT})
+        return HTTPResponse(ec2.VERSION_LISTING, 200, {"Content-Type": TEXT})
 
     @app.put("/<version>/api/token")
     def token(version):
         env = request.environ
-        try:
-            value, ttl = service.issue_token(
-                env["REMOTE_ADDR"], version, env.get(TTL_HEADER),
-                forwarded="HTTP_X_FORWARDED_FOR" in env)
-        except MdserverError as e:
-            return error_response(e)
+        value, ttl = service.issue_token(env["REMOTE_ADDR"], version, env.get(TTL_HEADER),
+                                         forwarded="HTTP_X_FORWARDED_FOR" in env)
         return HTTPResponse(value, 200, {"Content-Type": TEXT,
                                          "X-Aws-Ec2-Metadata-Token-Ttl-Seconds": str(ttl)})
 
@@ -121,23 +169,12 @@ def metadata_app(service: MetadataService, access_log: bool = False,
     @app.get("/<version>")
     @app.get("/<version>/")
     @app.get("/<version>/<path:path>")
-    def content(version, path=""):
-        env = request.environ
-        ip = env["REMOTE_ADDR"]  # never X-Forwarded-For: a guest could claim any identity
-        try:
-            left = service.check_token(ip, env.get(TOKEN_HEADER))
-            if path == "user-data":
-                body = service.guest_userdata(ip, version)
-                ctype = "application/octet-stream"
-            else:
-                body = service.lookup(ip, version, path)
-                ctype = TEXT
-        except MdserverError as e:
-            return error_response(e)
-        headers = {"Content-Type": ctype}
-        if left is not None:
-            headers["X-Aws-Ec2-Metadata-Token-Ttl-Seconds"] = str(left)
-        return HTTPResponse(body, 200, headers)
+    def ec2_get(version, path=""):
+        ip = guest_ip()
+        left = service.check_token(ip, request.environ.get(TOKEN_HEADER))
+        reply = service.answer(ec2, ip, f"{version}/{path}")
+        headers = {} if left is None else {"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": str(left)}
+        return _reply(reply, headers)
 
     return with_access_log(app) if access_log else app
 
@@ -146,28 +183,41 @@ def admin_app(registry: Registry) -> Callable:
     """Registration and administration, served on the admin Unix socket only."""
     app = Bottle(catchall=True)
     app.default_error_handler = _plain_error
+    app.install(errors_to_status)
 
-    def reply(fn, *args):
-        try:
-            result = fn(*args)
-        except MdserverError as e:
-            return error_response(e)
-        body = [record_json(i) for i in result] if isinstance(result, list) \
-            else record_json(result)
+    def reply(body) -> HTTPResponse:
         return HTTPResponse(json.dumps(body, indent=1) + "\n", 200,
                             {"Content-Type": "application/json"})
 
     @app.post("/instance-upload")
     def upload():
-        try:
-            body = read_body(request.environ)
-        except MdserverError as e:
-            return error_response(e)
-        return reply(registry.register, body)
+        return reply(registry.describe(registry.register(read_body(request.environ))))
 
-    app.get("/instances", callback=lambda: reply(registry.list))
-    app.get("/instances/<key>", callback=lambda key: reply(registry.find, key))
-    app.delete("/instances/<key>", callback=lambda key: reply(registry.remove, key))
+    @app.get("/instances")
+    def list_():
+        return reply([registry.describe(i) for i in registry.list()])
+
+    @app.get("/instances/<key>")
+    def show(key):
+        return reply(registry.describe(registry.find(key)))
+
+    @app.delete("/instances/<key>")
+    def remove(key):
+        return reply(record_json(registry.remove(key)))
+
+    @app.get("/instances/<key>/password")
+    def password_get(key):
+        return reply({"password": registry.find(key).password_blob})
+
+    @app.post("/instances/<key>/password")
+    def password_set(key):
+        body = read_body(request.environ, openstack.PASSWORD_MAX)
+        return reply(record_json(registry.set_password_blob(key, body)))
+
+    @app.delete("/instances/<key>/password")
+    def password_clear(key):
+        return reply(record_json(registry.clear_password_blob(key)))
+
     return app
 
 

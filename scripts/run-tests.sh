@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Install everything the tests need (Debian/Ubuntu, as root) and run them all.
+# Install everything the tests need (Debian/Ubuntu, as root), check types
+# (mypy) and run the tests.
 #   sudo ./scripts/run-tests.sh [pytest args...]
+#   ./scripts/run-tests.sh -m unit        # the in-process tier only: seconds
+#   ./scripts/run-tests.sh -m "not privileged"   # no root needed
 # Tests that need root/namespaces skip when unprivileged, unless
 # MDSERVER_REQUIRE_PRIVILEGED=1 (set in CI), which makes them fail instead.
 set -euo pipefail
@@ -13,10 +16,13 @@ die() { echo "run-tests: $*" >&2; exit 1; }
 # real libvirtd that runs the hook (not libvirt-daemon-system: it would pull
 # in systemd-sysv and start a libvirtd of its own); systemd: systemd-analyze
 # for the units (it does not become the init system); qemu-utils, mmdebstrap,
-# e2fsprogs, openssh-client, openssl: the guest image and the guest boot test.
+# e2fsprogs, openssh-client, openssl: the guest image and the guest boot test;
+# xorriso and genisoimage (isoinfo): readers of the seed images independent of
+# pycdlib (this kernel may have no iso9660 to mount them).
 apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
               libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables
-              systemd qemu-utils mmdebstrap e2fsprogs openssh-client openssl)
+              systemd qemu-utils mmdebstrap e2fsprogs openssh-client openssl
+              xorriso genisoimage)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()
@@ -47,4 +53,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$venv/bin/python" -m pip install -q -e ".[test]" || die "pip install failed"
+# The type gate first ([tool.mypy] in pyproject.toml): seconds, and a type
+# error fails the run before any test starts.
+"$venv/bin/python" -m mypy mdserver || die "mypy found type errors in mdserver/"
 exec "$venv/bin/python" -m pytest "$@"

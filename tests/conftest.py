@@ -1,63 +1,24 @@
-"""Shared fixtures: configs in temp dirs, instances, privileged-test gating."""
+"""Fixtures and hooks only (helpers live in helpers.py): configs, the tier check, a host tripwire."""
 
-import getpass
 import os
-import shutil
+import sys
 import time
 
 import pytest
 
+from helpers import write_config
 from mdserver import config
-from mdserver.models import Instance, InstanceSettings
 
-# .ci/run sets this: a test that needs root or namespaces then fails instead
-# of skipping, so CI always runs it.
-REQUIRE_PRIVILEGED = os.environ.get("MDSERVER_REQUIRE_PRIVILEGED") == "1"
+# Every test belongs to exactly one tier (markers registered in pyproject.toml):
+# `pytest -m unit` is the quick loop, `-m "not privileged"` needs no root.
+TIERS = ("unit", "process", "privileged")
 
-
-def need(condition: bool, reason: str) -> None:
-    """Skip (or, under MDSERVER_REQUIRE_PRIVILEGED=1, fail) unless `condition`."""
-    if condition:
-        return
-    if REQUIRE_PRIVILEGED:
-        pytest.fail(f"required in CI but unavailable: {reason}")
-    pytest.skip(reason)
-
-
-def need_root() -> None:
-    need(os.geteuid() == 0 and shutil.which("ip") is not None,
-         "needs root and iproute2 for network namespaces")
-
-
-def write_config(directory, body: str = "", **mdserver_keys) -> str:
-    """A config file in `directory` whose state lives there too."""
-    lines = ["[mdserver]", f"db_file = {directory}/db.json",
-             f"userdata_dir = {directory}/userdata", f"admin_socket = {directory}/admin.sock"]
-    lines += [f"{k} = {v}" for k, v in mdserver_keys.items()]
-    # dnsmasq files in the test's directory too (added to a [dnsmasq] the body has)
-    dnsmasq = f"[dnsmasq]\nbase_dir = {directory}/dnsmasq\nuser = {getpass.getuser()}\n"
-    body = body.replace("[dnsmasq]\n", dnsmasq) if "[dnsmasq]\n" in body \
-        else body + "\n" + dnsmasq
-    path = os.path.join(str(directory), "mdserver.conf")
-    os.makedirs(os.path.join(str(directory), "userdata"), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n" + body)
-    return path
-
-
-def make_instance(n: int = 1, ipv4: str = "", **changes) -> Instance:
-    fields = dict(
-        uuid=f"ec2{n:05x}-aaaa-4bbb-8ccc-{n:012x}",
-        name=f"vm{n}",
-        mac=f"52:54:00:00:{n >> 8 & 0xff:02x}:{n & 0xff:02x}",
-        ipv4=ipv4 or f"10.122.{n >> 8 & 0xff}.{n & 0xff}",
-        hostname=f"vm{n}",
-        first_seen=1700000000.0,
-        last_seen=1700000000.0,
-        settings=InstanceSettings(),
-    )
-    fields.update(changes)
-    return Instance(**fields)
+# Where a live mdserver or libvirt keeps its state on a hypervisor. Tests keep
+# theirs in temp dirs and namespaces; one that appears here during the run
+# means a test reached for the host's (a daemon started on default paths).
+HOST_PATHS = ("/etc/mdserver", "/run/mdserver", "/var/lib/mdserver", "/run/libvirt",
+              "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
+_absent_at_start = []
 
 
 @pytest.fixture
@@ -75,53 +36,31 @@ def now():
     return time.time()
 
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test without exactly one tier mark, before `-m` deselects anything."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers()} & set(TIERS))
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            "every test needs exactly one tier mark of " + ", ".join(TIERS)
+            + " (module-level `pytestmark = pytest.mark.<tier>` or on the test):\n  "
+            + "\n  ".join(wrong))
 
 
-def read_data(name: str) -> bytes:
-    with open(os.path.join(DATA_DIR, name), "rb") as f:
-        return f.read()
+def pytest_sessionstart(session):
+    _absent_at_start[:] = [p for p in HOST_PATHS if not os.path.lexists(p)]
 
 
-def domain_xml(name: str, uuid: str, mac: str, network: str = "mds", metadata: str = "",
-               devices: str = "") -> str:
-    """A small libvirt domain (TCG, no disk) with one interface on `network`,
-    SMBIOS serial and UUID equal to the domain UUID (the AWS route)."""
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  {f"<metadata>{metadata}</metadata>" if metadata else ""}
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <sysinfo type='smbios'>
-    <system>
-      <entry name='serial'>{uuid}</entry>
-      <entry name='uuid'>{uuid}</entry>
-    </system>
-  </sysinfo>
-  <os>
-    <type arch='x86_64'>hvm</type>
-    <smbios mode='sysinfo'/>
-  </os>
-  <devices>
-    <interface type='network'>
-      <mac address='{mac}'/>
-      <source network='{network}'/>
-      <model type='virtio'/>
-    </interface>
-    {devices}
-  </devices>
-</domain>
-"""
-
-
-def mds_metadata(**elements) -> str:
-    """mdserver's own <metadata> block; ssh_key may be a list."""
-    inner = ""
-    for tag, value in elements.items():
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            inner += f"<mds:{tag.replace('_', '-')}>{v}</mds:{tag.replace('_', '-')}>"
-    return f"<mds:instance xmlns:mds='urn:mdserver:1'>{inner}</mds:instance>"
+def pytest_sessionfinish(session, exitstatus):
+    """The tripwire for HOST_PATHS: fail the run (the paths are left for a look)."""
+    appeared = [p for p in _absent_at_start if os.path.lexists(p)]
+    if appeared:
+        print(f"\nERROR: the tests created host paths: {', '.join(appeared)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -9,13 +9,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
+from mdserver import config
+from mdserver.server import port_file as daemon_port_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_port(host: str, port: int, timeout: float = 15.0, proc=None) -> None:
@@ -32,11 +29,29 @@ def wait_port(host: str, port: int, timeout: float = 15.0, proc=None) -> None:
 
 
 class Daemon:
-    """`python -m mdserver CONFIG` as a child process of the test."""
+    """`python -m mdserver CONFIG` as a child process of the test.
 
-    def __init__(self, config_path: str, host: str, port: int, env: Optional[Dict] = None,
-                 netns: Optional[str] = None, args: Optional[List[str]] = None):
-        self.host, self.port = host, port
+    Tests give their daemons `port = 0` (any free port: no race for a port
+    picked beforehand) and learn the port from the daemon's own report, the
+    file beside its admin socket (mdserver.server.port_file), in wait_ready().
+    `host` and `port`, when given, are what the test expects (say
+    169.254.169.254:80 in a namespace of its own); by default both come from
+    the configuration and the report. `port_file` is for configurations the
+    daemon writes itself (--demo).
+    """
+
+    def __init__(self, config_path: str, host: Optional[str] = None, port: Optional[int] = None,
+                 env: Optional[Dict] = None, netns: Optional[str] = None,
+                 args: Optional[List[str]] = None, port_file: Optional[str] = None):
+        if host is None or port_file is None:
+            md = config.load(config_path).mdserver
+            host = host or md.listen_address
+            port_file = port_file or daemon_port_file(md.admin_socket)
+        self.host, self.port, self.port_file, self.netns = host, port or 0, port_file, netns
+        try:  # a previous run's report (the daemon removes it too, but later)
+            os.unlink(port_file)
+        except FileNotFoundError:
+            pass
         self.log_path = config_path + ".stderr"
         cmd = [sys.executable, "-m", "mdserver"] + (args or [config_path])
         if netns:
@@ -47,7 +62,27 @@ class Daemon:
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 15.0) -> "Daemon":
-        wait_port(self.host, self.port, timeout, self.proc)
+        """Until the daemon reports its port (it does once it serves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n"
+                                   + self.output())
+            try:
+                with open(self.port_file) as f:
+                    text = f.read()
+                if text.endswith("\n"):
+                    break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no port reported in {self.port_file}:\n" + self.output())
+            time.sleep(0.05)
+        port = int(text)
+        assert self.port in (0, port), f"daemon serves on {port}, not {self.port}"
+        self.port = port
+        if not self.netns:  # from here, the daemon's own namespace
+            wait_port(self.host, self.port, max(1.0, deadline - time.monotonic()), self.proc)
         return self
 
     def output(self) -> str:

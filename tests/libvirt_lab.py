@@ -1,4 +1,4 @@
-"""A real libvirtd for tests, started by hand in a network namespace of its own.
+"""A real libvirtd for tests, in network and mount namespaces of its own: nothing of the host's libvirt is used.
 
 Usage (as root)::
 
@@ -15,7 +15,7 @@ Usage (as root)::
         secs = lab.start_domain(vm, "ec2a1b2c-...", "52:54:00:12:34:56", net,
                                 metadata_xml="<m:i xmlns:m='urn:x'>..</m:i>")
         lab.domain_xml(vm); lab.virsh("destroy", vm); lab.diagnostics()
-    # here: domains/networks gone, daemons stopped, netns deleted, /etc/libvirt restored
+    # here: domains/networks gone, daemons stopped, netns deleted, temp dir removed
 
 Prerequisites (Debian 12, as root; `missing_prerequisites()` says which are
 missing)::
@@ -44,57 +44,51 @@ built-in default user first). The lab therefore bind-mounts copies of
 /etc/passwd and /etc/group with that user added, inside its own mount
 namespace only.
 
-How it runs (nothing outside the lab's namespaces is changed but what is
-listed here, and all of it is put back):
+How it runs: on a hypervisor with a libvirtd of its own, the lab neither
+reads, writes nor connects to anything of that libvirt, and the host's file
+system is not written outside the lab's temp directory:
 
 - A network namespace `mdt-lv-<random>` (`ip netns add`). A small Python
   "holder" process is started there with `ip netns exec` (which also gives
-  it a private mount namespace and a sysfs of the namespace). The holder
-  bind-mounts private temp directories over /run/libvirt, /var/lib/libvirt,
-  /var/log/libvirt, /var/cache/libvirt and /etc/libvirt/{qemu,storage,
-  secrets,nwfilter} (so libvirtd sees no domain or network of the host and
-  leaves no definition behind), a private hooks directory over
-  /etc/libvirt/hooks (unless host_hooks=True), and a lab qemu.conf over
-  /etc/libvirt/qemu.conf. It makes itself a child subreaper, then starts
-  `virtlogd` and `libvirtd` in the foreground (no -d, no systemd) as its
-  children, and reaps every orphan (QEMU double-forks).
+  it a mount namespace and a sysfs of the namespace); it makes every mount
+  private (`mount --make-rprivate /`: nothing propagates back to the host)
+  and, seen only from there:
+  - a fresh tmpfs on /run (and /var/run if it is not a link to /run): no
+    host socket (libvirt's, D-Bus, mdserver's) is reachable, and
+    /run/libvirt is the lab's directory;
+  - the lab's directories bind-mounted over /etc/libvirt (only the lab's
+    qemu.conf and hooks; the host's configuration is not visible),
+    /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt;
+  - a mount point the host lacks (say /var/lib/libvirt without
+    libvirt-daemon-system) is made on an overlay of its parent whose upper
+    layer is a tmpfs of the namespace: the host's directory stays untouched.
+  It makes itself a child subreaper, then starts `virtlogd` and `libvirtd`
+  in the foreground (no -d, no systemd) as its children, and reaps every
+  orphan (QEMU double-forks).
 - Bridges, taps, addresses, iptables rules and ip_forward all live in the
   namespace: the host's interfaces and firewall are never touched, and
   cgroups are not used (the namespace's /sys has no cgroup mounts).
-- The host's /etc/libvirt is snapshotted exactly (contents, modes, owners,
-  mtimes, symlinks; hooks/ and hooks/qemu.d/ included) before anything is
-  written and restored exactly on exit (also when it did not exist): the lab
-  may create mount points there (qemu/, hooks/, an empty qemu.conf, ...) and,
-  with host_hooks=True, hook files. Mount points that had to be created
-  elsewhere on the host (/run/libvirt, /var/lib/libvirt, ...) are removed.
-  When another program changed /etc/libvirt while the lab ran, only the
-  lab's own changes are undone (and a warning is printed), so a concurrent
-  install is not wiped.
-- libvirtd listens on <tmp>/run/libvirt/libvirt-sock; `virsh` is called with
-  `-c qemu+unix:///system?socket=...` (`lab.uri`). `lab.ns_prefix()` runs a
-  command inside the lab's namespaces, where plain `qemu:///system` works.
+- libvirtd listens on <tmp>/root/run/libvirt/libvirt-sock; `lab.uri` is
+  `qemu+unix:///system?socket=<that path>`, never the host's qemu:///system.
+  `lab.virsh()` runs virsh with that URI inside the lab's mount namespace,
+  so not even the host's client configuration (/etc/libvirt/libvirt.conf) is
+  read. `lab.ns_prefix()` runs a command inside the lab's namespaces.
 - Stop: every domain destroyed and undefined, every network destroyed and
   undefined, then SIGTERM to libvirtd, to any process left in the namespace,
   to virtlogd, to the holder (each by PID, SIGKILL after a grace period),
-  `ip netns del`, /etc/libvirt restored, temp dirs removed.
+  `ip netns del`, temp dir removed.
 
-Only one lab runs at a time: the lab holds an exclusive flock on /etc (no
-file created; a second lab waits up to lock_timeout seconds for it, then
-raises LabRefused), and refuses to start (LabRefused) when any libvirt daemon
-(libvirtd, virtlogd, virtqemud, ...) is already running. It never signals a
-process it did not start.
+Labs are independent of each other and of any libvirt daemon on the host
+(several may run at once); a lab never signals a process it did not start.
 
-Hooks: by default libvirtd's /etc/libvirt/hooks is a private directory
-(bind-mounted in the lab's mount namespace) holding only the lab's hooks, so
-a hook installed on the host (e.g. mdserver's own) never runs for lab
-domains; host_hooks=True writes them into the host's real
-/etc/libvirt/hooks/qemu.d/ instead (restored exactly on exit).
-What libvirt 9.0 does with new hook files (checked here): libvirtd decides
-at start and on SIGHUP whether the qemu driver has any hook (hooks/qemu or
-a file in hooks/qemu.d). If it had none, a qemu.d file added later is never
-called until SIGHUP; if it had one, qemu.d is listed again at every call, so
-a file added later is called at once. `install_hook(..., reload=True)`
-sends SIGHUP and waits for the re-scan.
+Hooks: the lab's /etc/libvirt/hooks/qemu.d holds only the lab's hooks (a
+hook installed on the host, e.g. mdserver's own, never runs for lab
+domains). What libvirt 9.0 does with new hook files (checked here): libvirtd
+decides at start and on SIGHUP whether the qemu driver has any hook
+(hooks/qemu or a file in hooks/qemu.d). If it had none, a qemu.d file added
+later is never called until SIGHUP; if it had one, qemu.d is listed again at
+every call, so a file added later is called at once.
+`install_hook(..., reload=True)` sends SIGHUP and waits for the re-scan.
 
 Timing on a 2-core VM: the first libvirtd start in a process probes QEMU's
 capabilities (~8 s); the probe result is cached in a per-process temp dir
@@ -108,8 +102,6 @@ unless MDT_KEEP_LAB=1 or keep_tmp=True).
 """
 
 import atexit
-import errno
-import fcntl
 import glob
 import json
 import os
@@ -129,7 +121,6 @@ from xml.sax.saxutils import escape, quoteattr
 
 PREFIX = "mdt-"
 ETC_LIBVIRT = "/etc/libvirt"
-HOOK_DIR = os.path.join(ETC_LIBVIRT, "hooks", "qemu.d")
 
 APT_PACKAGES = (
     "libvirt-daemon",
@@ -167,16 +158,14 @@ LIBVIRT_DAEMONS = frozenset({
     "virtnwfilterd", "virtsecretd", "virtchd", "virtlxcd",
 })
 
-# Host paths the holder hides behind private directories.
+# What libvirtd sees of these host paths is the lab's own directory
+# <tmp>/root/<path> (the capabilities cache: one per test process).
 PRIVATE_DIRS = (
+    "/etc/libvirt",
     "/run/libvirt",
     "/var/lib/libvirt",
     "/var/log/libvirt",
     "/var/cache/libvirt",
-    "/etc/libvirt/qemu",
-    "/etc/libvirt/storage",
-    "/etc/libvirt/secrets",
-    "/etc/libvirt/nwfilter",
 )
 
 QEMU_CONF = """\
@@ -192,10 +181,6 @@ _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 class LabError(RuntimeError):
     """The lab could not do what was asked; the message says why."""
-
-
-class LabRefused(LabError):
-    """The lab will not start: something it must not touch is in the way."""
 
 
 # --------------------------------------------------------------------------
@@ -257,7 +242,7 @@ def _alive(pid: int) -> bool:
 
 
 # --------------------------------------------------------------------------
-# exact snapshot of a directory tree
+# exact snapshot of a directory tree (tests check that the host's is untouched)
 
 Entry = Tuple  # (kind, mode, uid, gid, mtime_ns, payload)
 
@@ -293,92 +278,6 @@ def snapshot_tree(root: str) -> Optional[Dict[str, Entry]]:
         for name in sorted(dirnames) + sorted(filenames):
             add(os.path.join(dirpath, name))
     return snap
-
-
-def _under(rel: str, tops) -> bool:
-    return any(t == "" or rel == t or rel.startswith(t + os.sep) for t in tops)
-
-
-def _ancestors(rels) -> set:
-    """Every proper ancestor of the relative paths, '' (the root) included."""
-    out = set()
-    for rel in rels:
-        while rel:
-            rel = os.path.dirname(rel)
-            out.add(rel)
-    return out
-
-
-def restore_tree(root: str, snap: Optional[Dict[str, Entry]],
-                 only: Optional[Sequence[str]] = None) -> None:
-    """Make `root` exactly what `snapshot_tree(root)` returned.
-
-    only: relative paths; when given, only those paths and what is below
-    them are put back (plus the mtimes of their parent directories), and
-    every other change is left alone.
-    """
-    if only is not None and "" not in only and snap is not None:
-        tops = list(only)
-        parents = _ancestors(tops)
-        keep = lambda rel: _under(rel, tops)  # noqa: E731
-    else:
-        keep = lambda rel: True  # noqa: E731
-        parents = set()
-    if snap is None:
-        if os.path.isdir(root) and not os.path.islink(root):
-            shutil.rmtree(root)
-        elif os.path.lexists(root):
-            os.unlink(root)
-        return
-    current = snapshot_tree(root) or {}
-    # 1. remove what is new or changed kind, deepest first
-    for rel in sorted(current, key=lambda r: r.count(os.sep) if r else -1, reverse=True):
-        if rel == "" or not keep(rel):
-            continue
-        want = snap.get(rel)
-        if want is not None and want[0] == current[rel][0] and want[0] != "other":
-            continue
-        path = os.path.join(root, rel)
-        if current[rel][0] == "dir":
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
-    current = snapshot_tree(root) or {}
-    # 2. create / rewrite, parents first
-    for rel in sorted(snap, key=lambda r: (r.count(os.sep) if r else -1, r)):
-        if not keep(rel):
-            continue
-        kind, mode, uid, gid, _mtime, payload = snap[rel]
-        path = os.path.join(root, rel) if rel else root
-        have = current.get(rel)
-        if kind == "dir":
-            if have is None:
-                os.mkdir(path, 0o700)
-        elif kind == "file":
-            if have is None or have[5] != payload:
-                tmp = os.path.join(os.path.dirname(path), ".mdt-restore-" + os.urandom(4).hex())
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                os.replace(tmp, path)
-        elif kind == "link":
-            if have is None or have[5] != payload:
-                if os.path.lexists(path):
-                    os.unlink(path)
-                os.symlink(payload, path)
-        else:
-            raise LabError(f"cannot restore special file {path}")
-        os.lchown(path, uid, gid)
-        if kind != "link":
-            os.chmod(path, mode)
-    # 3. times, deepest first so a directory's mtime is set after its children
-    for rel in sorted(snap, key=lambda r: r.count(os.sep) if r else -1, reverse=True):
-        if not (keep(rel) or rel in parents) or not os.path.lexists(
-                os.path.join(root, rel) if rel else root):
-            continue
-        kind, _mode, _uid, _gid, mtime, _payload = snap[rel]
-        path = os.path.join(root, rel) if rel else root
-        os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
 
 
 def tree_differences(a: Optional[Dict[str, Entry]], b: Optional[Dict[str, Entry]]) -> List[str]:
@@ -466,13 +365,47 @@ def _check_name(name: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# the holder: runs inside `ip netns exec`, owns the daemons
+# the holder: runs inside `ip netns exec`, makes the lab's mounts, owns the daemons
 
 _HOLDER = r"""
 import ctypes, json, os, signal, subprocess, sys, time
 cfg = json.loads(sys.argv[1])
+
+def mount(*args):
+    subprocess.run(["mount"] + list(args), check=True)
+
+# Nothing mounted here reaches the host (ip netns exec makes mounts slaves,
+# not private).
+mount("--make-rprivate", "/")
+scratch = cfg["scratch"]
+mount("-t", "tmpfs", "-o", "mode=0700", "mdt-scratch", scratch)
+ours = set()  # directories that are the lab's (tmpfs, overlay): mkdir is harmless
+
+def ensure_dir(path):
+    # A missing mount point is made on an overlay of its parent (upper layer
+    # in the scratch tmpfs), never in the host's directory.
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    ensure_dir(parent)
+    if parent not in ours:
+        upper, work = scratch + "/upper" + parent, scratch + "/work" + parent
+        os.makedirs(upper)
+        os.makedirs(work)
+        mount("-t", "overlay", "-o", f"lowerdir={parent},upperdir={upper},workdir={work}",
+              "mdt-overlay", parent)
+        ours.add(parent)
+    os.mkdir(path, 0o755)
+
+for run in ("/run", "/var/run"):
+    if os.path.isdir(run) and not os.path.islink(run):
+        mount("-t", "tmpfs", "-o", "mode=0755", "mdt-run", run)
+        ours.add(run)
 for src, dst in cfg["binds"]:
-    subprocess.run(["mount", "--bind", src, dst], check=True)
+    if os.path.isdir(src):
+        ensure_dir(dst)
+    mount("--bind", src, dst)
+
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
     sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
@@ -498,7 +431,6 @@ while True:
     except InterruptedError:
         pass
 """
-
 _caps_cache: Optional[str] = None
 _caps_lock = threading.Lock()
 
@@ -526,28 +458,18 @@ class LibvirtLab:
     KeyboardInterrupt) and puts everything back.
 
     hooks: {file name: script text (str), bytes, or a pathlib.Path to copy}
-    written (mode 0755) into /etc/libvirt/hooks/qemu.d/ before libvirtd
-    starts. Hooks run inside the lab's network and mount namespaces.
-
-    host_hooks=False (default): libvirtd's /etc/libvirt/hooks is a private
-    directory holding only the lab's hooks (bind-mounted in the lab's mount
-    namespace), so a hook installed on the host (say mdserver's own) never
-    runs for lab domains, and the host's hooks/ is not written.
-    host_hooks=True: the lab's hooks are written into the host's real
-    /etc/libvirt/hooks/qemu.d/ (restored exactly on exit), and libvirtd
-    also runs every hook the host has there.
+    written (mode 0755) into the lab's /etc/libvirt/hooks/qemu.d/ before
+    libvirtd starts. Hooks run inside the lab's network and mount namespaces
+    and are the only hooks libvirtd sees.
     """
 
     def __init__(self, hooks: Optional[Mapping[str, HookSource]] = None,
-                 keep_tmp: Optional[bool] = None, start_timeout: float = 120.0,
-                 lock_timeout: float = 300.0, host_hooks: bool = False):
+                 keep_tmp: Optional[bool] = None, start_timeout: float = 120.0):
         self.tag = os.urandom(3).hex()
         self.netns = f"{PREFIX}lv-{self.tag}"
         self.hooks = dict(hooks or {})
-        self.host_hooks = host_hooks
         self.keep_tmp = (os.environ.get("MDT_KEEP_LAB") == "1") if keep_tmp is None else keep_tmp
         self.start_timeout = start_timeout
-        self.lock_timeout = lock_timeout
         self.tmpdir = ""
         self.uri = ""
         self.holder: Optional[subprocess.Popen] = None
@@ -558,11 +480,6 @@ class LibvirtLab:
         self.networks: List[str] = []
         self.final_diagnostics = ""
         self._counter = 0
-        self._lock_fd: Optional[int] = None
-        self._etc_snapshot: Optional[Dict[str, Entry]] = None
-        self._snapshot_taken = False
-        self._created_dirs: List[str] = []
-        self._own_etc: List[str] = []  # paths under /etc/libvirt the lab created or wrote
         self._netns_created = False
         self._netns_ino = 0
         self._started = False
@@ -598,6 +515,12 @@ class LibvirtLab:
     def path(self, *parts: str) -> str:
         return os.path.join(self.tmpdir, *parts)
 
+    def private(self, host_path: str) -> str:
+        """The lab's directory that libvirtd sees at `host_path` (one of PRIVATE_DIRS)."""
+        if host_path == "/var/cache/libvirt":
+            return _capabilities_cache()
+        return self.path("root" + host_path)
+
     @property
     def libvirtd_log(self) -> str:
         return self.path("libvirtd.log")
@@ -624,14 +547,7 @@ class LibvirtLab:
         missing = missing_prerequisites()
         if missing:
             raise LabError("libvirt lab prerequisites missing: " + "; ".join(missing))
-        self._lock()
         try:
-            others = running_libvirt_daemons()
-            if others:
-                raise LabRefused(
-                    "another libvirt daemon is running ("
-                    + ", ".join(f"{n} pid {p}" for p, n in others)
-                    + "); the lab starts its own and will not touch it")
             self._start()
         except BaseException:
             try:
@@ -640,84 +556,31 @@ class LibvirtLab:
                 print(e, file=sys.stderr)
             raise
 
-    def _lock(self) -> None:
-        """Exclusive flock on /etc: one lab per machine; waits lock_timeout seconds."""
-        fd = os.open("/etc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LabRefused(
-                        "another LibvirtLab is running on this machine (flock on /etc "
-                        f"still held after {self.lock_timeout:.0f} s)") from None
-                time.sleep(0.1)
-        self._lock_fd = fd
-
-    def _mkdir_host(self, path: str, mode: int = 0o755) -> None:
-        """Create a missing host directory (and parents) and remember to remove it."""
-        if os.path.isdir(path):
-            return
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            self._mkdir_host(parent, mode)
-        os.mkdir(path, mode)
-        self._note_created(path)
-
-    def _note_created(self, path: str) -> None:
-        if path == ETC_LIBVIRT or path.startswith(ETC_LIBVIRT + "/"):
-            rel = os.path.relpath(path, ETC_LIBVIRT)
-            self._own_etc.append("" if rel == "." else rel)
-        else:
-            self._created_dirs.append(path)
-
     def _start(self) -> None:
         t0 = time.monotonic()
         self.tmpdir = tempfile.mkdtemp(prefix=f"{PREFIX}libvirt-{self.tag}-")
         os.chmod(self.tmpdir, 0o755)
-        self._etc_snapshot = snapshot_tree(ETC_LIBVIRT)
-        self._snapshot_taken = True
+        os.mkdir(self.path("scratch"))
 
+        # The lab's directories, bind-mounted over the host's in its mount
+        # namespace (see the module docstring).
         binds: List[Tuple[str, str]] = []
-        # private state directories
         for host_dir in PRIVATE_DIRS:
-            if host_dir == "/var/cache/libvirt":
-                private = _capabilities_cache()
-            else:
-                private = self.path("root" + host_dir)
-                os.makedirs(private, exist_ok=True)
-            self._mkdir_host(host_dir)
-            binds.append((private, host_dir))
+            os.makedirs(self.private(host_dir), exist_ok=True)
+            binds.append((self.private(host_dir), host_dir))
         # directories libvirt-daemon-system would have shipped
-        for sub in ("var/lib/libvirt/qemu", "var/lib/libvirt/dnsmasq",
+        for sub in ("etc/libvirt/qemu", "etc/libvirt/storage", "etc/libvirt/secrets",
+                    "etc/libvirt/nwfilter", "etc/libvirt/hooks/qemu.d",
+                    "var/lib/libvirt/qemu", "var/lib/libvirt/dnsmasq",
                     "var/lib/libvirt/network", "var/log/libvirt/qemu"):
             os.makedirs(self.path("root", sub), exist_ok=True)
-        # qemu.conf
-        with open(self.path("qemu.conf"), "w") as f:
+        with open(self.path("root/etc/libvirt/qemu.conf"), "w") as f:
             f.write(QEMU_CONF)
-        qemu_conf = os.path.join(ETC_LIBVIRT, "qemu.conf")
-        if not os.path.lexists(qemu_conf):
-            self._mkdir_host(ETC_LIBVIRT)
-            with open(qemu_conf, "w"):
-                pass
-            self._note_created(qemu_conf)
-        binds.append((self.path("qemu.conf"), qemu_conf))
         # the user libvirtd 9.0 insists on
         try:
             pwd.getpwnam("libvirt-qemu")
         except KeyError:
             binds += self._fake_user_files()
-        # hooks
-        if not self.host_hooks:
-            os.makedirs(self.path("hooks", "qemu.d"))
-            self._mkdir_host(os.path.join(ETC_LIBVIRT, "hooks"))
-            binds.append((self.path("hooks"), os.path.join(ETC_LIBVIRT, "hooks")))
         for hook_name, source in self.hooks.items():
             self._write_hook(hook_name, source)
         # daemon configs
@@ -733,6 +596,7 @@ class LibvirtLab:
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
 
         cfg = {
+            "scratch": self.path("scratch"),
             "binds": binds,
             "env": {"PATH": _SBIN_PATH, "LC_ALL": "C", "HOME": "/root"},
             "virtlogd": ["virtlogd", "-f", self.path("virtlogd.conf"),
@@ -757,7 +621,8 @@ class LibvirtLab:
         except ValueError:
             raise LabError("lab holder failed to start:\n" + self.diagnostics()) from None
         self.virtlogd_pid, self.libvirtd_pid = pids["virtlogd"], pids["libvirtd"]
-        self.uri = f"qemu+unix:///system?socket={self.path('root/run/libvirt/libvirt-sock')}"
+        self.uri = ("qemu+unix:///system?socket="
+                    + self.path("root/run/libvirt/libvirt-sock"))
         self._wait_ready(t0)
         self.startup_seconds = time.monotonic() - t0
 
@@ -801,8 +666,7 @@ class LibvirtLab:
             for pid, what in ((self.libvirtd_pid, "libvirtd"), (self.virtlogd_pid, "virtlogd")):
                 if not _alive(pid):
                     raise LabError(f"{what} exited during start-up:\n" + self.diagnostics())
-            r = subprocess.run(["virsh", "-c", self.uri, "version"], capture_output=True,
-                               text=True, timeout=60)
+            r = self._virsh(["version"], timeout=60)
             if r.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -815,12 +679,7 @@ class LibvirtLab:
     def _write_hook(self, hook_name: str, source: HookSource) -> str:
         if "/" in hook_name or hook_name in ("", ".", ".."):
             raise ValueError(f"bad hook name {hook_name!r}")
-        if self.host_hooks:
-            self._mkdir_host(HOOK_DIR)
-            path = os.path.join(HOOK_DIR, hook_name)
-            self._note_created(path)
-        else:
-            path = self.path("hooks", "qemu.d", hook_name)
+        path = self.path("root/etc/libvirt/hooks/qemu.d", hook_name)
         if isinstance(source, os.PathLike):
             with open(source, "rb") as f:
                 data = f.read()
@@ -836,11 +695,11 @@ class LibvirtLab:
     def install_hook(self, hook_name: str, source: HookSource, reload: bool = True) -> str:
         """Write a hook into (libvirtd's) /etc/libvirt/hooks/qemu.d/ of a running lab.
 
-        Returns the file's path on the host. libvirtd decides at start and on
-        SIGHUP whether the qemu driver has hooks at all; when it had none, a
-        new file is ignored until SIGHUP (when it had one, the files in qemu.d
-        are listed again at every call). reload=True sends SIGHUP and waits
-        until libvirtd has re-scanned its hooks.
+        Returns the file's path as the test process sees it. libvirtd decides
+        at start and on SIGHUP whether the qemu driver has hooks at all; when
+        it had none, a new file is ignored until SIGHUP (when it had one, the
+        files in qemu.d are listed again at every call). reload=True sends
+        SIGHUP and waits until libvirtd has re-scanned its hooks.
         """
         path = self._write_hook(hook_name, source)
         if reload:
@@ -873,13 +732,20 @@ class LibvirtLab:
 
     # -- virsh and objects ---------------------------------------------------
 
+    def _virsh(self, args: Sequence[str], timeout: float, input: Optional[str] = None
+               ) -> subprocess.CompletedProcess:
+        # In the lab's mount namespace: virsh reads the lab's (empty) client
+        # configuration, not the host's, and connects to the lab's socket only.
+        if not self.uri or not self.holder:
+            raise LabError("lab not started")
+        return subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m",
+                               "virsh", "-q", "-c", self.uri] + list(args),
+                              capture_output=True, text=True, timeout=timeout, input=input)
+
     def virsh(self, *args: str, check: bool = True, timeout: float = 120,
               input: Optional[str] = None) -> str:
         """Run virsh against the lab's libvirtd; stdout, or LabError on failure."""
-        if not self.uri:
-            raise LabError("lab not started")
-        r = subprocess.run(["virsh", "-q", "-c", self.uri] + list(args), capture_output=True,
-                           text=True, timeout=timeout, input=input)
+        r = self._virsh(args, timeout, input)
         if check and r.returncode != 0:
             raise LabError(f"virsh {' '.join(args)} failed ({r.returncode}): "
                            f"{r.stderr.strip()}\n--- lab logs ---\n{self.diagnostics(40)}")
@@ -975,6 +841,8 @@ class LibvirtLab:
 
     # -- stop ------------------------------------------------------------------
 
+    # -- stop ------------------------------------------------------------------
+
     def close(self) -> None:
         """Tear everything down; safe to call twice, never raises for one failed step."""
         if self._closed:
@@ -1006,45 +874,16 @@ class LibvirtLab:
                 step("stop holder", self._stop_holder)
             if self._netns_created:
                 step("delete netns", _run, ["ip", "netns", "del", self.netns])
-            if self._snapshot_taken:
-                step("restore /etc/libvirt", self._restore_etc)
-            for d in reversed(self._created_dirs):
-                step(f"remove {d}", _rmdir_if_empty, d)
             if self.tmpdir and os.path.isdir(self.tmpdir):
                 self.final_diagnostics = ""
                 self.final_diagnostics = self.diagnostics(200)
                 if not self.keep_tmp:
                     step("remove temp dir", shutil.rmtree, self.tmpdir)
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
         finally:
             if old_sigint is not None:
                 signal.signal(signal.SIGINT, old_sigint)
         if errors:
             raise LabError("lab cleanup incomplete: " + "; ".join(errors))
-
-    def _restore_etc(self) -> None:
-        """Put /etc/libvirt back exactly; keep changes made meanwhile by others."""
-        snap = self._etc_snapshot
-        now = snapshot_tree(ETC_LIBVIRT)
-        own = self._own_etc
-        ancestors = _ancestors(own)
-        foreign = []
-        for rel in sorted(set(snap or {}) | set(now or {})):
-            a, b = (snap or {}).get(rel), (now or {}).get(rel)
-            if a == b or _under(rel, own):
-                continue
-            if a and b and rel in ancestors and a[0] == b[0] == "dir" and a[:4] == b[:4]:
-                continue  # a parent whose mtime changed because of the lab's own paths
-            foreign.append(rel or ".")
-        if foreign:
-            print(f"libvirt lab: {ETC_LIBVIRT} was changed by someone else while the lab "
-                  f"ran ({', '.join(foreign)}); only the lab's own changes are undone",
-                  file=sys.stderr)
-            restore_tree(ETC_LIBVIRT, snap, only=own)
-        else:
-            restore_tree(ETC_LIBVIRT, snap)
 
     def _undefine_all(self) -> None:
         for name in self.virsh("list", "--all", "--name").split():
@@ -1064,8 +903,6 @@ class LibvirtLab:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-
-
 def _run(argv: Sequence[str], timeout: float = 60) -> str:
     r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
@@ -1092,11 +929,3 @@ def _terminate(pid: int, grace: float) -> None:
         deadline = time.monotonic() + 10
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-
-
-def _rmdir_if_empty(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
-            raise

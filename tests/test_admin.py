@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
-from conftest import domain_xml, read_data, write_config
-from daemon import ROOT, Daemon, free_port, request
+from helpers import domain_xml, read_data, write_config
+from daemon import ROOT, Daemon, request
 from mdserver.store import Store
+
+pytestmark = pytest.mark.process
 
 # Guests on 127.77.0.0/16: allocated addresses are local, so the test can
 # ask as the guest it just registered.
@@ -20,9 +22,8 @@ U2, M2 = "ec200002-aaaa-4bbb-8ccc-000000000002", "52:54:00:00:00:02"
 
 @pytest.fixture
 def md(tmp_path):
-    port = free_port()
-    path = write_config(tmp_path, NET, listen_address="127.0.0.1", port=port)
-    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    path = write_config(tmp_path, NET, listen_address="127.0.0.1", port=0)
+    d = Daemon(path).wait_ready()
     d.path, d.tmp = path, tmp_path
     yield d
     d.stop()
@@ -139,7 +140,7 @@ def test_prune_with_a_fake_virsh(md, tmp_path):
 def test_addresses_survive_a_daemon_restart(md):
     ip = json.loads(upload(md, domain_xml("vm1", U1, M1))[2])["ip"]
     md.stop()
-    d = Daemon(md.path, "127.0.0.1", md.port).wait_ready()
+    d = Daemon(md.path).wait_ready()
     try:
         assert json.loads(upload(d, domain_xml("vm1", U1, M1))[2])["ip"] == ip
     finally:
@@ -150,12 +151,11 @@ def test_md_server_06_database_converted_on_first_start(tmp_path):
     legacy = [{"domain_name": "old1", "domain_uuid": U1, "mds_mac": M1,
                "mds_ipv4": "127.77.3.4", "mds_ipv6": None, "first_seen": 1.0,
                "last_update": 2.0}]
-    port = free_port()
-    path = write_config(tmp_path, NET, listen_address="127.0.0.1", port=port)
+    path = write_config(tmp_path, NET, listen_address="127.0.0.1", port=0)
     (tmp_path / "db.json").write_text(json.dumps(legacy))
-    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    d = Daemon(path).wait_ready()
     try:
-        assert request("127.0.0.1", port, "GET", "/latest/meta-data/local-ipv4",
+        assert request("127.0.0.1", d.port, "GET", "/latest/meta-data/local-ipv4",
                        source="127.77.3.4")[2] == "127.77.3.4"
         assert "converted 1 md_server 0.6 records" in d.output()
         assert json.loads((tmp_path / "db.json.md_server-0.6.bak").read_text()) == legacy

@@ -3,11 +3,14 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from conftest import make_instance, write_config
-from daemon import ROOT, Daemon, free_port, request
+from helpers import make_instance, write_config
+from daemon import ROOT, Daemon, request
 from mdserver.store import Store
+
+pytestmark = pytest.mark.process
 
 
 def ctl(*args):
@@ -49,27 +52,29 @@ def test_userdata_unknown_instance(tmp_path):
 
 
 def test_userdata_works_while_the_daemon_runs(tmp_path):
-    port = free_port()
-    path = setup(tmp_path, listen_address="127.0.0.1", port=port)
-    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    path = setup(tmp_path, listen_address="127.0.0.1", port=0)
+    d = Daemon(path).wait_ready()
     try:
         r = ctl("-c", path, "userdata", "vm1")
         assert r.returncode == 0, r.stderr
-        served = request("127.0.0.1", port, "GET", "/latest/user-data", source="127.0.0.5")[2]
+        served = request("127.0.0.1", d.port, "GET", "/latest/user-data", source="127.0.0.5")[2]
         assert served == r.stdout
     finally:
         d.stop()
 
 
 def test_daemon_demo_mode(tmp_path):
+    """The demo as quickstart.sh runs it, but on any free port instead of 8169
+    (test_demo.py checks that default)."""
     state = tmp_path / "demo"
-    d = Daemon(str(tmp_path / "demo-run"), "127.0.0.1", 8169, args=["--demo", str(state)])
+    d = Daemon(str(tmp_path / "demo-run"), "127.0.0.1", args=["--demo", str(state), "--port", "0"],
+               port_file=str(state / "admin.port"))
     try:
         d.wait_ready()
         out = d.output()
         assert "instance 'demo' is 127.0.0.1" in out
-        assert "curl http://127.0.0.1:8169/latest/meta-data/" in out
-        status, _, body = request("127.0.0.1", 8169, "GET", "/latest/meta-data/local-ipv4")
+        assert f"curl http://127.0.0.1:{d.port}/latest/meta-data/" in out
+        status, _, body = request("127.0.0.1", d.port, "GET", "/latest/meta-data/local-ipv4")
         assert (status, body) == (200, "127.0.0.1")
     finally:
         d.stop()

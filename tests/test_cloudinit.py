@@ -14,10 +14,12 @@ import subprocess
 
 import pytest
 
-from conftest import make_instance, need, need_root, write_config
+from helpers import make_instance, need, need_root, write_config
 from daemon import Daemon
 from mdserver.store import Store
 from netns import Lab, exec_in
+
+pytestmark = pytest.mark.privileged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT = os.path.join(HERE, "cloudinit_client.py")

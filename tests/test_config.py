@@ -10,6 +10,8 @@ import pytest
 from mdserver import config
 from mdserver.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 
@@ -24,6 +26,9 @@ def error_of(tmp_path, text: str) -> str:
     with pytest.raises(ConfigError) as info:
         load_text(tmp_path, text)
     return str(info.value)
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schema1")
 
 
 def test_shipped_config_is_the_generated_sample():
@@ -134,7 +139,7 @@ def test_includes_later_values_win(tmp_path):
 
 @pytest.mark.parametrize("text, where, why", [
     ("[mdserver]\nport = eighty\n", "[mdserver] port", "not a whole number"),
-    ("[mdserver]\nport = 70000\n", "[mdserver] port", "outside 1..65535"),
+    ("[mdserver]\nport = 70000\n", "[mdserver] port", "outside 0..65535"),
     ("[mdserver]\nlisten_address = 300.1.1.1\n", "[mdserver] listen_address",
      "not an IP address"),
     ("[mdserver]\nloglevel = loud\n", "[mdserver] loglevel", "not one of"),
@@ -154,6 +159,11 @@ def test_includes_later_values_win(tmp_path):
     ("[dnsmasq]\ndomain = bad_domain!\n", "[dnsmasq] domain", "not a valid DNS name"),
     ("[template-data]\nhostname = x\n", "[template-data] hostname", "shadows"),
     ("[public-keys]\nempty =\n", "[public-keys] empty", "empty key"),
+    ("[mdserver]\nnetwork_config = bridged\n", "[mdserver] network_config", "not one of"),
+    ("[libvirt]\nroute = azure\n", "[libvirt] route", "not one of"),
+    ("[libvirt]\nuri = qemu:///system\n", "[libvirt] uri", "unknown key"),
+    ("[seeds]\nformat = iso\n", "[seeds] format", "unknown key"),
+    ("[template-data]\nmeta = x\n", "[template-data] meta", "shadows"),
     ("[mdserver\nport = 1\n", "", "File contains no section headers"),
 ])
 def test_bad_values_name_file_section_and_key(tmp_path, text, where, why):
@@ -213,7 +223,49 @@ def test_check_config_ok_and_bad(tmp_path):
 
 def test_daemon_refuses_bad_config_with_exit_2(tmp_path):
     bad = tmp_path / "bad.conf"
-    bad.write_text("[mdserver]\nport = 0\n")
+    bad.write_text("[mdserver]\nport = 70000\n")
     r = run_cli("daemon_main", str(bad))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"mdserver: {bad}: [mdserver] port: 0 is outside 1..65535"
+    assert r.stderr.strip() == f"mdserver: {bad}: [mdserver] port: 70000 is outside 0..65535"
+
+
+def test_new_sections_defaults_and_relative_paths(tmp_path):
+    cfg = load_text(tmp_path, "[mdserver]\ndb_file = db.json\n")
+    assert (cfg.mdserver.network_config, cfg.mdserver.vendor_data) == ("dhcp", None)
+    assert cfg.libvirt.route == "openstack"
+    assert cfg.seeds.dir == os.path.join(str(tmp_path), "seeds")  # beside db_file
+    path = tmp_path / "sub" / "mdserver.conf"
+    path.parent.mkdir()
+    path.write_text("[mdserver]\nvendor_data = vendor.yaml\nnetwork_config = static\n"
+                    "[libvirt]\nroute = configdrive\n[seeds]\ndir = iso\n")
+    cfg = config.load(str(path))
+    assert cfg.mdserver.vendor_data == str(tmp_path / "sub" / "vendor.yaml")
+    assert cfg.seeds.dir == str(tmp_path / "sub" / "iso")
+    assert (cfg.mdserver.network_config, cfg.libvirt.route) == ("static", "configdrive")
+
+
+def test_configuration_written_by_schema_1_loads_unchanged():
+    """A copy of a configuration issue 3's mdserver wrote (every key set),
+    and of its shipped sample: both load, with the same meaning."""
+    cfg = config.load(os.path.join(DATA, "mdserver.conf"))
+    assert cfg.warnings == ()
+    assert (cfg.mdserver.password, cfg.dnsmasq.domain, cfg.dnsmasq.prefix) == (
+        "$6$salt$hash", "example.net", "vm-")
+    assert cfg.template_data == (("colour", "blue"), ("domain", "example.net"))
+    assert cfg.mdserver.db_file == os.path.join(DATA, "db_file.json")
+    assert cfg.libvirt.route == "openstack" and cfg.mdserver.network_config == "dhcp"
+    assert config.load(os.path.join(DATA, "mdserver.conf.dist")).warnings == ()
+
+
+def test_vendor_data_file_is_checked_at_start(tmp_path):
+    from mdserver.wiring import read_vendor_data
+    from mdserver.errors import ConfigError
+    good = tmp_path / "v.yaml"
+    good.write_text("#cloud-config\nruncmd: [x]\n")
+    assert read_vendor_data(str(good)) == "#cloud-config\nruncmd: [x]\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("#cloud-config\nruncmd: [x\n")
+    for path, why in ((bad, "not valid YAML"), (tmp_path / "missing", "cannot read")):
+        with pytest.raises(ConfigError) as e:
+            read_vendor_data(str(path))
+        assert "[mdserver] vendor_data" in str(e.value) and why in str(e.value)

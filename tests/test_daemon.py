@@ -7,9 +7,12 @@ import time
 
 import pytest
 
-from conftest import make_instance, write_config
-from daemon import Daemon, free_port, request
+from helpers import make_instance, write_config
+from daemon import Daemon, request
+from mdserver.server import port_file
 from mdserver.store import Store
+
+pytestmark = pytest.mark.process
 
 G1, G2, STRANGER = "127.0.0.5", "127.0.0.6", "127.0.0.9"
 KEY = "ssh-ed25519 AAAAC3Nza admin@host"
@@ -17,14 +20,14 @@ TTL = {"X-aws-ec2-metadata-token-ttl-seconds": "300"}
 
 
 def prepare(tmp_path, **md):
-    port = free_port()
+    """A config serving on 127.0.0.1, any free port (the daemon reports it)."""
     path = write_config(tmp_path, f"[public-keys]\nadmin = {KEY}\n",
-                        listen_address="127.0.0.1", port=port, **md)
+                        listen_address="127.0.0.1", port=0, **md)
     store = Store(str(tmp_path / "db.json"))
     store.put(make_instance(1, ipv4=G1))
     store.put(make_instance(2, ipv4=G2))
     store.close()
-    return path, port
+    return path
 
 
 @pytest.fixture
@@ -32,8 +35,7 @@ def daemon(tmp_path):
     started = []
 
     def start(env=None, **md):
-        path, port = prepare(tmp_path, **md)
-        d = Daemon(path, "127.0.0.1", port, env=env)
+        d = Daemon(prepare(tmp_path, **md), env=env)
         started.append(d)
         return d.wait_ready()
     yield start
@@ -69,11 +71,11 @@ def test_token_from_one_guest_fails_for_another(daemon):
 
 
 def test_token_survives_a_restart(tmp_path):
-    path, port = prepare(tmp_path)
-    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    path = prepare(tmp_path)
+    d = Daemon(path).wait_ready()
     token = request(d.host, d.port, "PUT", "/latest/api/token", G1, TTL)[2]
     assert d.stop() == 0
-    d = Daemon(path, "127.0.0.1", port).wait_ready()
+    d = Daemon(path).wait_ready()
     try:
         assert get(d, "/latest/meta-data/instance-id", G1,
                    {"X-aws-ec2-metadata-token": token})[0] == 200
@@ -148,7 +150,9 @@ def test_systemd_readiness_and_stopping(daemon, tmp_path):
     sock.settimeout(15)
     try:
         d = daemon(env={"NOTIFY_SOCKET": path})
-        assert sock.recv(256).split(b"\n")[0] == b"READY=1"
+        ready = sock.recv(256).split(b"\n")
+        assert ready[0] == b"READY=1"
+        assert ready[1] == f"STATUS=serving on 127.0.0.1:{d.port}".encode()
         # READY=1 came once the listener answers
         assert get(d, "/latest/meta-data/instance-id", G1)[0] == 200
         d.proc.send_signal(signal.SIGTERM)
@@ -159,9 +163,9 @@ def test_systemd_readiness_and_stopping(daemon, tmp_path):
 
 
 def test_corrupt_database_stops_startup_with_one_line(tmp_path):
-    path, port = prepare(tmp_path)
+    path = prepare(tmp_path)
     (tmp_path / "db.json").write_text("{broken")
-    d = Daemon(path, "127.0.0.1", port)
+    d = Daemon(path)
     assert d.proc.wait(20) == 1
     out = d.output().strip().splitlines()
     assert len(out) == 1 and "db.json" in out[0]
@@ -170,7 +174,24 @@ def test_corrupt_database_stops_startup_with_one_line(tmp_path):
 
 def test_second_daemon_on_same_database_refuses(daemon, tmp_path):
     d = daemon()
-    other = Daemon(str(tmp_path / "mdserver.conf"), "127.0.0.1", d.port)
+    other = Daemon(str(tmp_path / "mdserver.conf"))
     assert other.proc.wait(20) == 1
     assert "in use" in other.output()
     assert get(d, "/latest/meta-data/instance-id", G1)[0] == 200
+
+
+def test_port_zero_is_reported_and_held(daemon, tmp_path):
+    """`port = 0`: the port served is in the log, in admin.port beside the
+    admin socket (removed at exit), and nobody else can bind it."""
+    d = daemon()
+    assert d.port != 0
+    report = tmp_path / "admin.port"
+    assert report.read_text() == f"{d.port}\n"
+    assert f"listening on 127.0.0.1:{d.port}" in d.output()
+    with socket.socket() as s:
+        with pytest.raises(OSError):  # EADDRINUSE
+            s.bind(("127.0.0.1", d.port))
+    assert d.stop() == 0
+    assert not report.exists()
+    assert port_file("/run/mdserver/admin.sock") == "/run/mdserver/admin.port"
+    assert port_file("/run/mdserver/ctl") == "/run/mdserver/ctl.port"

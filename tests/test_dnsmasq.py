@@ -4,9 +4,13 @@ import getpass
 import os
 import signal
 
-from conftest import make_instance, write_config
+import pytest
+
+from helpers import make_instance, write_config
 from golden import check
 from mdserver import config, dnsmasq
+
+pytestmark = pytest.mark.unit
 
 
 def cfg_for(tmp_path, dn=""):

@@ -17,11 +17,13 @@ import time
 
 import pytest
 
-from conftest import domain_xml, need, need_root, write_config
+from helpers import domain_xml, need, need_root, write_config
 from daemon import Daemon
 from mdserver import adminclient
 import netns
 from netns import Lab, exec_in
+
+pytestmark = pytest.mark.privileged
 
 DOMAINS = {
     "alpha": ("ec2a0001-aaaa-4bbb-8ccc-000000000001", "52:54:00:aa:00:01"),
@@ -122,6 +124,8 @@ def test_dhcp_and_dns_follow_registrations(live):
     assert lease["routes"] == "169.254.169.254/32 10.122.0.1 0.0.0.0/0 10.122.0.1"
     assert resolve(ns_a, "alpha") == [alpha["ip"]]
     assert resolve(ns_a, "beta.mds.test") == [beta["ip"]]
+    # NoCloud's s=http://metadata/nocloud/ for guests using this resolver
+    assert resolve(ns_a, "metadata") == ["169.254.169.254"], resolve.last
 
     # registered while dnsmasq runs: lease and name work without a restart
     gamma = register(live, "gamma")

@@ -5,7 +5,9 @@ import pytest
 from mdserver import domainxml
 from mdserver.errors import BadDomainXML, PayloadTooLarge
 
-from conftest import domain_xml, read_data
+from helpers import domain_xml, read_data
+
+pytestmark = pytest.mark.unit
 
 
 def parse(data, net="mds"):
@@ -90,3 +92,42 @@ def test_body_over_limit():
     with pytest.raises(PayloadTooLarge):
         parse(b" " * (domainxml.MAX_XML_BYTES + 1))
     assert domainxml.MAX_XML_BYTES >= 1024 * 1024
+
+
+def meta_xml(inner: str) -> str:
+    return domain_xml("vm1", "ec200001-aaaa-4bbb-8ccc-000000000001", "52:54:00:00:00:01",
+                      metadata=f"<mds:instance xmlns:mds='urn:mdserver:1'>{inner}</mds:instance>")
+
+
+def test_meta_network_and_route():
+    s = parse(meta_xml("<mds:meta key='role'>web</mds:meta>"
+                       "<mds:meta key='note'>a: b\n&quot;c&quot; 'd' ü</mds:meta>"
+                       "<mds:meta key='empty'></mds:meta>"
+                       "<mds:network>static</mds:network><mds:route>configdrive</mds:route>")).settings
+    assert s.meta == (("role", "web"), ("note", "a: b\n\"c\" 'd' ü"), ("empty", ""))
+    assert (s.network, s.route) == ("static", "configdrive")
+
+
+@pytest.mark.parametrize("inner, why", [
+    ("<mds:network>bridged</mds:network>", "<mds:network> 'bridged' is not one of"),
+    ("<mds:route>azure</mds:route>", "<mds:route> 'azure' is not one of"),
+    ("<mds:meta>x</mds:meta>", "<mds:meta> needs a key attribute"),
+    ("<mds:meta key=''>x</mds:meta>", "<mds:meta> needs a key attribute"),
+    ("<mds:meta key='dsmode'>local</mds:meta>", "cloud-init acts on this key"),
+    ("<mds:meta key='hostname'>x</mds:meta>", "shadows a name"),
+    ("<mds:meta key='meta'>x</mds:meta>", "shadows a name"),
+    ("<mds:meta key='a'>1</mds:meta><mds:meta key='a'>2</mds:meta>", "appears twice"),
+    ("<mds:meta key='a&#10;b'>1</mds:meta>", "control characters"),
+    ("<mds:meta key='a'>" + "x" * 256 + "</mds:meta>", "limited to 255"),
+    ("".join(f"<mds:meta key='k{i}'>v</mds:meta>" for i in range(129)), "more than 128"),
+])
+def test_bad_per_instance_settings_name_the_element(inner, why):
+    with pytest.raises(BadDomainXML) as e:
+        parse(meta_xml(inner))
+    assert why in str(e.value)
+
+
+def test_non_utf8_metadata_is_refused():
+    data = meta_xml("<mds:meta key='k'>VALUE</mds:meta>").encode().replace(b"VALUE", b"\xff\xfe")
+    with pytest.raises(BadDomainXML):
+        parse(data)

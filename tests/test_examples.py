@@ -3,11 +3,14 @@
 import os
 import shutil
 
+import pytest
 import yaml
 
-from conftest import make_instance, write_config
+from helpers import make_instance, write_config
 from mdserver import config, userdata
-from mdserver.metadata import Site
+from mdserver.view import Site
+
+pytestmark = pytest.mark.unit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

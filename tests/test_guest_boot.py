@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from conftest import domain_xml, mds_metadata, need, need_root, write_config
+from helpers import domain_xml, mds_metadata, need, need_root, write_config
 from daemon import Daemon
 from mdserver import adminclient
 from netns import Lab, exec_in, start_dnsmasq
@@ -39,6 +39,8 @@ from netns import Lab, exec_in, start_dnsmasq
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "guest"))
 from build_image import build_image  # noqa: E402
+
+pytestmark = pytest.mark.privileged
 
 USER = "debian"  # Debian's default user, whom cloud-init gives the keys and password
 GUESTS = [

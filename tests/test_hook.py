@@ -2,7 +2,10 @@
 
 A fake mdserver (a small HTTP server on a Unix socket, owned by the test)
 records what the hook sends; a fake syslog (a datagram socket) records what
-it logs. The hook finds both through MDSERVER_CONFIG and MDSERVER_HOOK_SYSLOG.
+it logs. The hook finds both through MDSERVER_CONFIG and MDSERVER_HOOK_SYSLOG;
+its fallback socket (/run/mdserver/admin.sock, a live mdserver on a
+hypervisor) is always replaced by one in the test's directory
+(MDSERVER_HOOK_DEFAULT_SOCKET), so no hook run here can reach a real daemon.
 """
 
 import json
@@ -14,7 +17,9 @@ import time
 
 import pytest
 
-from conftest import need
+from helpers import need
+
+pytestmark = pytest.mark.process
 
 HOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks", "qemu")
 
@@ -125,19 +130,28 @@ class FakeSyslog:
 
 @pytest.fixture
 def env(tmp_path):
-    """Config whose admin_socket is in tmp_path, and a fake syslog."""
+    """Config whose admin_socket is in tmp_path, a fallback socket path there
+    too, and a fake syslog."""
     sock = str(tmp_path / "admin.sock")
     conf = tmp_path / "mdserver.conf"
     conf.write_text(f"[mdserver]\nadmin_socket = {sock}\n")
     syslog = FakeSyslog(str(tmp_path / "log"))
-    yield {"socket": sock, "config": str(conf), "syslog": syslog, "dir": tmp_path}
+    yield {"socket": sock, "config": str(conf), "syslog": syslog, "dir": tmp_path,
+           "default": str(tmp_path / "default" / "admin.sock")}
     syslog.close()
 
 
-def run_hook(env, op, sub_op, stdin=XML, domain="vm1", extra_env=None):
+def hook_env(env, extra_env=None):
+    """The hook's environment: every path it may use is the test's own."""
     e = dict(os.environ, MDSERVER_CONFIG=env["config"],
-             MDSERVER_HOOK_SYSLOG=env["syslog"].path)
+             MDSERVER_HOOK_SYSLOG=env["syslog"].path,
+             MDSERVER_HOOK_DEFAULT_SOCKET=env["default"])
     e.update(extra_env or {})
+    return e
+
+
+def run_hook(env, op, sub_op, stdin=XML, domain="vm1", extra_env=None):
+    e = hook_env(env, extra_env)
     start = time.monotonic()
     proc = subprocess.run([HOOK, domain, op, sub_op, "-"], input=stdin,
                           capture_output=True, env=e, timeout=30)
@@ -288,8 +302,7 @@ def test_listener_with_a_full_backlog(env):
 def test_stdin_never_closed(env, tmp_path):
     """libvirt always closes stdin; if something does not, the bound holds."""
     server = FakeMdserver(env["socket"])
-    e = dict(os.environ, MDSERVER_CONFIG=env["config"],
-             MDSERVER_HOOK_SYSLOG=env["syslog"].path)
+    e = hook_env(env)
     r, w = os.pipe()
     try:
         os.write(w, XML)
@@ -322,7 +335,7 @@ def test_broken_config_falls_back_to_the_default(env, text):
     proc, elapsed = run_hook(env, "prepare", "begin",
                              extra_env={"MDSERVER_CONFIG": str(path)})
     line = _one_failure_line(env, proc)
-    assert "broken.conf" in line and "/run/mdserver/admin.sock" in line
+    assert "broken.conf" in line and env["default"] in line
     assert elapsed < 2.0
 
 
@@ -348,7 +361,40 @@ def test_missing_config_means_default_socket(env):
     proc, _ = run_hook(env, "prepare", "begin",
                        extra_env={"MDSERVER_CONFIG": str(env["dir"] / "absent.conf")})
     line = _one_failure_line(env, proc)
-    assert "/run/mdserver/admin.sock" in line and "configuration" not in line
+    assert env["default"] in line and "configuration" not in line
+
+
+def test_the_fallback_socket_is_used(env):
+    """With no configuration the hook registers on the fallback socket."""
+    os.makedirs(os.path.dirname(env["default"]))
+    server = FakeMdserver(env["default"])
+    try:
+        run_hook(env, "prepare", "begin",
+                 extra_env={"MDSERVER_CONFIG": str(env["dir"] / "absent.conf")})
+    finally:
+        server.close()
+    assert [r["body"] for r in server.requests] == [XML]
+
+
+def test_builtin_fallback_is_mdservers_default_socket(tmp_path):
+    """Without the test override the fallback is /run/mdserver/admin.sock, the
+    daemon's own default. Asked of the hook's code under the system python3;
+    nothing connects anywhere."""
+    from mdserver import config
+    empty = tmp_path / "empty.conf"
+    empty.write_text("")
+    default = config.load(str(empty)).mdserver.admin_socket
+    probe = ("import importlib.machinery, importlib.util, sys\n"
+             "loader = importlib.machinery.SourceFileLoader('hook', sys.argv[1])\n"
+             "hook = importlib.util.module_from_spec(importlib.util.spec_from_loader('hook', loader))\n"
+             "loader.exec_module(hook)\n"
+             "print(hook.socket_path([]))\n")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MDSERVER_")}
+    e["MDSERVER_CONFIG"] = str(tmp_path / "absent.conf")
+    out = subprocess.run(["/usr/bin/python3", "-c", probe, HOOK], env=e, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == default == "/run/mdserver/admin.sock"
 
 
 def test_empty_stdin_is_reported(env):

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from conftest import need
+from helpers import need
+
+pytestmark = pytest.mark.process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "system-integration.sh")
@@ -45,7 +47,7 @@ MODES = {
     "etc/mdserver/userdata/example.yaml": 0o640,
     "etc/systemd/system/mdserver.service": 0o644,
     "etc/systemd/system/mdserver-dnsmasq.service": 0o644,
-    "var/lib/mdserver/": 0o750,
+    "var/lib/mdserver/": 0o711,
 }
 # What the live system has at the places the script would write without
 # DESTDIR: must be the same after every run.

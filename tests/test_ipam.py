@@ -7,6 +7,8 @@ import pytest
 from mdserver.errors import PoolExhausted
 from mdserver.ipam import Pool
 
+pytestmark = pytest.mark.unit
+
 
 def net(text):
     return ipaddress.IPv4Network(text)

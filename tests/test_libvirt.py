@@ -6,7 +6,8 @@ and its dnsmasq all run in the libvirt lab's network namespace
 (tests/libvirt_lab.py), so the bridge, 10.122.0.1/16 and 169.254.169.254
 exist only there. The hook file is a two-line shim that runs the real
 hooks/qemu with MDSERVER_CONFIG pointing at the test's configuration (libvirt
-clears the environment of hooks).
+clears the environment of hooks), and its syslog and fallback socket at paths
+of the test's own.
 """
 
 import json
@@ -18,11 +19,13 @@ import sys
 
 import pytest
 
-from conftest import mds_metadata, need, need_root, write_config
+from helpers import mds_metadata, need, need_root, write_config
 from daemon import ROOT, Daemon
 from mdserver import adminclient
 from netns import Lab, exec_in, start_dnsmasq
 from test_dnsmasq_live import DHCP_SCRIPT, resolve
+
+pytestmark = pytest.mark.privileged
 
 try:
     from libvirt_lab import LibvirtLab, missing_prerequisites, rename_network
@@ -55,7 +58,12 @@ def world(tmp_path):
     need(LibvirtLab is not None and not missing_prerequisites(),
          f"needs libvirt and qemu: {LibvirtLab and missing_prerequisites()}")
     conf = str(tmp_path / "mdserver.conf")
-    shim = f'#!/bin/sh\nMDSERVER_CONFIG={conf} exec /usr/bin/python3 {HOOK} "$@"\n'
+    # Every path the hook may use is the test's: its log lines go to a
+    # socket nobody listens on (so to stderr, into libvirtd's log), not to the
+    # host's syslog; its fallback socket is not the host's mdserver.
+    shim = (f"#!/bin/sh\nMDSERVER_CONFIG={conf} MDSERVER_HOOK_SYSLOG={tmp_path}/no-syslog "
+            f"MDSERVER_HOOK_DEFAULT_SOCKET={tmp_path}/no-default.sock "
+            f'exec /usr/bin/python3 {HOOK} "$@"\n')
     with LibvirtLab(hooks={"mdserver": shim}) as lab:
         net, br = lab.name("net"), lab.name("br", 15)
         write_config(tmp_path, f"[dnsmasq]\nnet_name = {net}\ninterface = {br}\n"

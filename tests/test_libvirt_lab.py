@@ -1,7 +1,10 @@
-"""The libvirt lab (a real libvirtd in a namespace) and the shipped mds network.
+"""The libvirt lab (a real libvirtd in namespaces of its own) and the shipped mds network.
 
 The privileged tests need root and the packages in libvirt_lab.APT_PACKAGES;
-they skip otherwise, or fail under MDSERVER_REQUIRE_PRIVILEGED=1.
+they skip otherwise, or fail under MDSERVER_REQUIRE_PRIVILEGED=1. They also
+check that the lab leaves the host's libvirt alone: its configuration is
+neither seen nor changed, no directory or mount appears on the host, and a
+libvirt daemon already running is not disturbed.
 """
 
 import os
@@ -13,10 +16,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import need
-from libvirt_lab import (APT_PACKAGES, ETC_LIBVIRT, LabRefused, LibvirtLab, domain_definition,
-                         missing_prerequisites, rename_network, restore_tree,
-                         running_libvirt_daemons, snapshot_tree, tree_differences)
+from helpers import need
+from libvirt_lab import (APT_PACKAGES, ETC_LIBVIRT, PRIVATE_DIRS, LibvirtLab, domain_definition,
+                         missing_prerequisites, rename_network, running_libvirt_daemons,
+                         snapshot_tree, tree_differences)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK_XML = os.path.join(REPO, "etc", "libvirt", "mds-network.xml")
@@ -35,24 +38,11 @@ cat > {out}/$2.xml
 """
 
 
-def host_qemu_hooks() -> list:
-    """Hooks the host has for libvirt's qemu driver."""
-    found = []
-    if os.path.exists(os.path.join(ETC_LIBVIRT, "hooks", "qemu")):
-        found.append("hooks/qemu")
-    d = os.path.join(ETC_LIBVIRT, "hooks", "qemu.d")
-    if os.path.isdir(d):
-        found += ["hooks/qemu.d/" + n for n in sorted(os.listdir(d))]
-    return found
-
-
 def need_lab() -> None:
     need(os.geteuid() == 0, "needs root to run a real libvirtd")
     missing = missing_prerequisites()
     need(not missing, "libvirt lab prerequisites missing: " + "; ".join(missing)
          + " (apt-get install --no-install-recommends " + " ".join(APT_PACKAGES) + ")")
-    others = running_libvirt_daemons()
-    need(not others, f"a libvirt daemon already runs here ({others}); the lab will not touch it")
 
 
 def shipped_network(lab: LibvirtLab):
@@ -65,6 +55,25 @@ def shipped_network(lab: LibvirtLab):
 
 def host_has_link(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
+
+
+def host_view():
+    """What the lab must not change on the host: /etc/libvirt exactly, which
+    of the libvirt state directories exist, and the mount table."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(" ".join(line.split()[3:5]) for line in f)
+    # `ip netns add` (the lab's own network namespace) mounts under /run/netns
+    mounts = [m for m in mounts if not m.split()[1].startswith("/run/netns")]
+    return {"etc": snapshot_tree(ETC_LIBVIRT),
+            "dirs": {d: os.path.lexists(d) for d in PRIVATE_DIRS},
+            "mounts": mounts}
+
+
+def assert_host_unchanged(before) -> None:
+    now = host_view()
+    assert tree_differences(before["etc"], now["etc"]) == []
+    assert now["dirs"] == before["dirs"]
+    assert now["mounts"] == before["mounts"]
 
 
 @pytest.fixture
@@ -82,6 +91,7 @@ def read_calls(out) -> list:
 # -- without privileges ------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_shipped_network_xml():
     root = ET.parse(NETWORK_XML).getroot()
     assert root.findtext("name") == "mds"
@@ -93,6 +103,7 @@ def test_shipped_network_xml():
     assert root.find(".//dhcp") is None, "libvirt must not run DHCP: our dnsmasq does"
 
 
+@pytest.mark.unit
 def test_rename_network():
     with open(NETWORK_XML) as f:
         renamed = ET.fromstring(rename_network(f.read(), "mdt-net-x", "mdt-br-x"))
@@ -101,6 +112,7 @@ def test_rename_network():
     assert len(renamed.findall("ip")) == 2
 
 
+@pytest.mark.unit
 def test_domain_definition():
     root = ET.fromstring(domain_definition("mdt-vm", UUID, MAC, "mdt-net", METADATA))
     assert root.get("type") == "qemu"
@@ -116,72 +128,37 @@ def test_domain_definition():
     assert root.find("devices/disk") is None
 
 
+@pytest.mark.unit
 def test_missing_prerequisites_is_a_list_of_reasons():
     missing = missing_prerequisites()
     assert isinstance(missing, list) and all(isinstance(m, str) for m in missing)
     assert "libvirt-daemon-driver-qemu" in APT_PACKAGES
 
 
-def test_snapshot_restore_is_exact(tmp_path):
+@pytest.mark.unit
+def test_tree_differences(tmp_path):
     root = tmp_path / "etc"
     (root / "hooks" / "qemu.d").mkdir(parents=True)
     (root / "qemu.conf").write_text("user = 'x'\n")
-    (root / "qemu.conf").chmod(0o600)
-    (root / "hooks" / "qemu.d" / "other").write_text("#!/bin/sh\n")
-    (root / "hooks" / "qemu.d" / "other").chmod(0o755)
-    (root / "hooks").chmod(0o750)
     (root / "link").symlink_to("qemu.conf")
-    (root / "gone").write_text("a")
-    if os.geteuid() == 0:
-        os.chown(root / "qemu.conf", 1234, 4321)
     before = snapshot_tree(str(root))
-
-    (root / "qemu.conf").write_text("changed\n")
-    (root / "qemu.conf").chmod(0o644)
+    assert tree_differences(before, snapshot_tree(str(root))) == []
+    (root / "qemu.conf").chmod(0o600)
     (root / "hooks" / "qemu.d" / "mdt-new").write_text("new")
-    (root / "hooks" / "qemu.d" / "other").chmod(0o644)
-    (root / "hooks").chmod(0o755)
     (root / "link").unlink()
     (root / "link").symlink_to("elsewhere")
-    (root / "gone").unlink()
-    (root / "gone").mkdir()
-    (root / "gone" / "deep").write_text("x")
-    (root / "qemu" / "networks").mkdir(parents=True)
-    if os.geteuid() == 0:
-        os.chown(root / "qemu.conf", 0, 0)
-    assert tree_differences(before, snapshot_tree(str(root)))
-
-    restore_tree(str(root), before)
-    assert tree_differences(before, snapshot_tree(str(root))) == []
-
-
-def test_restore_only_the_given_paths_keeps_other_changes(tmp_path):
-    root = tmp_path / "etc"
-    root.mkdir()
-    (root / "keep.conf").write_text("original\n")
-    before = snapshot_tree(str(root))
-    (root / "hooks" / "qemu.d").mkdir(parents=True)      # ours
-    (root / "hooks" / "qemu.d" / "mdt-x").write_text("x")
-    (root / "keep.conf").write_text("changed by someone else\n")
-    (root / "theirs").write_text("installed meanwhile\n")
-    restore_tree(str(root), before, only=["hooks"])
-    assert not (root / "hooks").exists()
-    assert (root / "keep.conf").read_text() == "changed by someone else\n"
-    assert (root / "theirs").exists()
-
-
-def test_snapshot_restore_of_absent_tree(tmp_path):
-    root = tmp_path / "absent"
-    before = snapshot_tree(str(root))
-    assert before is None
-    (root / "hooks").mkdir(parents=True)
-    restore_tree(str(root), before)
-    assert not root.exists()
+    diffs = tree_differences(before, snapshot_tree(str(root)))
+    assert "added: hooks/qemu.d/mdt-new" in diffs
+    assert "changed: qemu.conf (mode)" in diffs
+    assert "changed: link (mtime_ns, content)" in diffs
+    assert tree_differences(None, None) == []
+    assert tree_differences(before, None) == ["tree present before, absent after"]
 
 
 # -- with a real libvirtd ----------------------------------------------------
 
 
+@pytest.mark.privileged
 def test_shipped_network_starts_with_both_addresses_in_a_namespace():
     need_lab()
     with open("/proc/sys/net/ipv4/ip_forward") as f:
@@ -203,17 +180,18 @@ def test_shipped_network_starts_with_both_addresses_in_a_namespace():
         assert not host_has_link(bridge)
         with open("/proc/sys/net/ipv4/ip_forward") as f:
             assert f.read() == host_forward
-        # only one lab at a time
-        with pytest.raises(LabRefused, match="another LibvirtLab"):
-            LibvirtLab(lock_timeout=0.3).start()
+        # a second lab at the same time is a world of its own
+        with LibvirtLab() as other:
+            assert other.virsh("net-list", "--all", "--name").split() == []
+            assert other.uri != lab.uri
+        assert lab.virsh("net-list", "--all", "--name").split() == [name]
     assert not host_has_link(bridge)
 
 
+@pytest.mark.privileged
 def test_domain_starts_and_stops_and_hook_sees_full_xml(hook_out):
     need_lab()
-    etc_before = snapshot_tree(ETC_LIBVIRT)
-    created = [d for d in ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt",
-                           "/var/cache/libvirt") if not os.path.exists(d)]
+    before = host_view()
     lab = LibvirtLab(hooks={"mdt-record": RECORDING_HOOK.format(out=hook_out)})
     with lab:
         net, _bridge = shipped_network(lab)
@@ -248,60 +226,49 @@ def test_domain_starts_and_stops_and_hook_sees_full_xml(hook_out):
         assert f"{dom} stopped end -" in calls and f"{dom} release end -" in calls
         assert "qemu-system-x86" not in [c for _p, c in lab.processes()]
         pids = [lab.libvirtd_pid, lab.virtlogd_pid, lab.holder.pid]
+        assert_host_unchanged(before)  # while it runs, too
 
     # nothing left behind
-    assert tree_differences(etc_before, snapshot_tree(ETC_LIBVIRT)) == []
+    assert_host_unchanged(before)
     assert lab.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                            text=True).stdout
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().split(") ")[1][0] in "ZX"
-    assert running_libvirt_daemons() == []
-    for d in created:
-        assert not os.path.exists(d), f"{d} left behind"
+    assert not [p for p, _n in running_libvirt_daemons() if p in pids]
     assert not os.path.exists(lab.tmpdir)
     assert "libvirt version" in lab.diagnostics()
 
 
-def test_hook_in_the_hosts_etc_libvirt_is_restored_exactly(hook_out):
+@pytest.mark.privileged
+def test_the_hosts_libvirt_is_neither_seen_nor_changed(hook_out):
+    """Inside the lab, /etc/libvirt holds only the lab's files and /run only
+    the lab's libvirt directory (no host socket); on the host nothing
+    appears, not even a mount point."""
     need_lab()
-    if host_qemu_hooks():
-        pytest.skip(f"this host has libvirt qemu hooks {host_qemu_hooks()} that would "
-                    "run for lab domains with host_hooks=True")
-    etc_before = snapshot_tree(ETC_LIBVIRT)
-    host_path = os.path.join(ETC_LIBVIRT, "hooks", "qemu.d", "mdt-record")
-    with LibvirtLab(hooks={"mdt-record": RECORDING_HOOK.format(out=hook_out)},
-                    host_hooks=True) as lab:
-        st = os.stat(host_path)
-        assert st.st_mode & 0o777 == 0o755
+    before = host_view()
+    with LibvirtLab(hooks={"mdt-record": RECORDING_HOOK.format(out=hook_out)}) as lab:
+        seen = lab.run_in(["ls", "-A", ETC_LIBVIRT]).stdout.split()
+        assert sorted(seen) == ["hooks", "nwfilter", "qemu", "qemu.conf", "secrets", "storage"]
+        assert lab.run_in(["ls", "-A", f"{ETC_LIBVIRT}/hooks/qemu.d"]).stdout.split() == \
+            ["mdt-record"]
+        # the lab's libvirt, and util-linux's mount bookkeeping: nothing of the host's
+        assert set(lab.run_in(["ls", "-A", "/run"]).stdout.split()) <= {"libvirt", "mount"}
+        assert os.path.exists(lab.private("/run/libvirt") + "/libvirt-sock")
+        for d in ("/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"):
+            marker = f"{d}/mdt-private-{lab.tag}"
+            lab.run_in(["touch", marker])
+            assert os.path.exists(lab.private(d) + f"/mdt-private-{lab.tag}")
+            assert not os.path.exists(marker)
+        # the hook sees the same world as libvirtd
         net, _bridge = shipped_network(lab)
-        dom = lab.name("vm")
-        lab.start_domain(dom, UUID, MAC, net, metadata_xml=METADATA)
-        assert read_calls(hook_out)[0] == f"{dom} prepare begin -"
-        assert ET.parse(hook_out / "prepare.xml").getroot().findtext("uuid") == UUID
-    assert not os.path.exists(host_path)
-    assert tree_differences(etc_before, snapshot_tree(ETC_LIBVIRT)) == []
+        lab.start_domain(lab.name("vm"), UUID, MAC, net)
+        assert read_calls(hook_out)[0].endswith("prepare begin -")
+        assert_host_unchanged(before)
+    assert_host_unchanged(before)
 
 
-def test_change_made_by_someone_else_meanwhile_survives():
-    need_lab()
-    etc_before = snapshot_tree(ETC_LIBVIRT)
-    assert etc_before is not None, "libvirt's packages create /etc/libvirt"
-    theirs = ""
-    try:
-        with LibvirtLab() as lab:
-            theirs = f"{lab.name('foreign')}.conf"
-            with open(os.path.join(ETC_LIBVIRT, theirs), "w") as f:
-                f.write("someone else's\n")
-        assert os.path.exists(os.path.join(ETC_LIBVIRT, theirs))
-        diffs = tree_differences(etc_before, snapshot_tree(ETC_LIBVIRT))
-        assert [d for d in diffs if d != "changed: . (mtime_ns)"] == [f"added: {theirs}"]
-    finally:
-        if theirs:
-            restore_tree(ETC_LIBVIRT, etc_before, only=[theirs])
-    assert tree_differences(etc_before, snapshot_tree(ETC_LIBVIRT)) == []
-
-
+@pytest.mark.privileged
 def test_hook_added_while_running(hook_out):
     """Checks what DESIGN.md section 4 says about new hooks, for libvirt 9.0."""
     need_lab()
@@ -326,21 +293,25 @@ def test_hook_added_while_running(hook_out):
         assert read_calls(hook_out)[0] == f"{dom} prepare begin -"
 
 
-def test_refuses_when_another_libvirt_daemon_runs(tmp_path):
+@pytest.mark.privileged
+def test_runs_beside_another_libvirt_daemon_and_leaves_it_alone(tmp_path):
+    """On a hypervisor a libvirtd runs already: the lab starts anyway, with
+    its own, and never signals the other."""
     need_lab()
     fake = tmp_path / "libvirtd"  # its /proc comm is "libvirtd"
     shutil.copy(shutil.which("sleep"), fake)
-    etc_before = snapshot_tree(ETC_LIBVIRT)
+    before = host_view()
     proc = subprocess.Popen([str(fake), "60"])
     try:
         deadline = time.monotonic() + 5
         while proc.pid not in [p for p, _n in running_libvirt_daemons()]:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        with pytest.raises(LabRefused, match=f"libvirtd pid {proc.pid}"):
-            LibvirtLab().start()
+        with LibvirtLab() as lab:
+            assert "libvirt" in lab.virsh("version").lower()
+            assert lab.libvirtd_pid != proc.pid
         assert proc.poll() is None, "the lab touched a daemon it did not start"
-        assert tree_differences(etc_before, snapshot_tree(ETC_LIBVIRT)) == []
+        assert_host_unchanged(before)
     finally:
         proc.kill()
         proc.wait()

@@ -4,12 +4,14 @@ import os
 
 import pytest
 
-from conftest import domain_xml, mds_metadata, write_config
+from helpers import domain_xml, mds_metadata, write_config
 from mdserver import config
 from mdserver.dnsmasq import DnsmasqFiles
 from mdserver.errors import BadDomainXML, NotFound, PoolExhausted
 from mdserver.registry import Registry
 from mdserver.store import Store
+
+pytestmark = pytest.mark.unit
 
 U1, M1 = "ec200001-aaaa-4bbb-8ccc-000000000001", "52:54:00:00:00:01"
 U2, M2 = "ec200002-aaaa-4bbb-8ccc-000000000002", "52:54:00:00:00:02"
@@ -37,9 +39,9 @@ class World:
     def open(self):
         self.store = Store(self.cfg.mdserver.db_file, freed_retention=600)
         self.files = DnsmasqFiles(self.cfg, kill=lambda pid, sig: self.signals.append(sig))
-        self.registry = Registry(self.cfg, self.store, self.files, clock=self.clock,
+        self.registry = Registry(self.cfg, self.store, [self.files], clock=self.clock,
                                  on_change=self.changed)
-        self.registry.sync_dnsmasq()
+        self.registry.sync()
         with open(self.files.path("dnsmasq.pid"), "w") as f:
             f.write("1\n")
 
@@ -155,3 +157,65 @@ def test_bad_xml_stores_nothing(world):
     with pytest.raises(BadDomainXML):
         world.registry.register(b"<domain><name>x</name></domain>")
     assert len(world.store) == 0 and os.listdir(world.files.path("dhcp-hosts")) == []
+
+
+class RecordingSink:
+    """A registration sink that records what the registry told it."""
+
+    def __init__(self, reload_on_put=False):
+        self.calls = []
+        self.reload_on_put = reload_on_put
+
+    def put(self, inst):
+        self.calls.append(("put", inst.uuid))
+        return self.reload_on_put
+
+    def remove(self, uuid):
+        self.calls.append(("remove", uuid))
+        return True
+
+    def sync(self, instances):
+        self.calls.append(("sync", sorted(i.uuid for i in instances)))
+        return False
+
+    def reload(self):
+        self.calls.append(("reload",))
+        return True
+
+
+def test_every_sink_follows_registrations(tmp_path):
+    cfg = config.load(write_config(tmp_path))
+    store = Store(cfg.mdserver.db_file)
+    a, b = RecordingSink(), RecordingSink(reload_on_put=True)
+    try:
+        registry = Registry(cfg, store, [a, b])
+        registry.sync()
+        registry.register(domain_xml("vm1", U1, M1).encode())
+        # vm2 takes vm1's name: vm1 is removed from every sink, vm2 put
+        registry.register(domain_xml("vm1", U2, M2).encode())
+        registry.remove(U2)
+    finally:
+        store.close()
+    assert a.calls == [("sync", []), ("put", U1), ("remove", U1), ("put", U2), ("reload",),
+                       ("remove", U2), ("reload",)]
+    assert b.calls == [("sync", []), ("put", U1), ("reload",), ("remove", U1), ("put", U2),
+                       ("reload",), ("remove", U2), ("reload",)]
+
+
+def test_failing_template_is_reported_at_registration(tmp_path, caplog):
+    cfg = config.load(write_config(tmp_path))
+    store = Store(cfg.mdserver.db_file)
+    problems = {U1: "t.yaml: NameError: name 'x' is not defined"}
+    try:
+        registry = Registry(cfg, store, [], check=lambda inst: problems.get(inst.uuid))
+        with caplog.at_level("ERROR", logger="mdserver.registry"):
+            inst = registry.register(domain_xml("vm1", U1, M1).encode())
+            registry.register(domain_xml("vm2", U2, M2).encode())
+        assert store.by_uuid(U1) == inst  # registered all the same: the VM must start
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == [f"vm1 ({U1}): user-data fails, guests will get none: {problems[U1]}"]
+        assert registry.describe(inst)["userdata"] == f"error: {problems[U1]}"
+        assert registry.describe(store.by_uuid(U2))["userdata"] == "ok"
+        assert registry.describe(inst)["instance_id"] == U1  # default route openstack
+    finally:
+        store.close()

@@ -5,11 +5,13 @@ import os
 
 import pytest
 
-from conftest import make_instance
+from helpers import make_instance
 from mdserver import store as storemod
 from mdserver.errors import NotFound, StoreCorrupt, StoreLocked
 from mdserver.models import SCHEMA_VERSION
 from mdserver.store import Store
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -239,3 +241,28 @@ def test_bad_md_server_06_record_is_refused_untouched(tmp_path):
     with pytest.raises(StoreCorrupt, match="record 1"):
         Store(str(path))
     assert json.loads(path.read_text()) == [{"domain_name": "x"}]
+
+
+def test_database_written_by_schema_1_loads_unchanged(tmp_path):
+    """A copy of a database issue 3's mdserver wrote (snapshot + journal)."""
+    import shutil
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "schema1")
+    for name in ("db_file.json", "db_file.json.journal"):
+        shutil.copy(os.path.join(data, name), tmp_path / name)
+    s = Store(str(tmp_path / "db_file.json"))
+    assert sorted(i.name for i in s) == ["db 1", "web1"]
+    web = s.by_name("web1")
+    assert (web.ipv4, web.hostname, web.settings.template, web.settings.password) == (
+        "10.122.0.2", "web1", "web.yaml", "$6$salt$hash")
+    assert web.settings.hostname == "www" and web.settings.ssh_keys == (
+        "ssh-ed25519 AAAAC3NzaOWN me@laptop",)
+    assert (web.settings.meta, web.settings.network, web.settings.route,
+            web.password_blob) == ((), None, None, None)
+    assert web.instance_id == "i-ec2aaaaa000040008"  # unchanged: no re-provisioning
+    assert s.by_name("db 1").last_seen == 1700000500.0  # from the journal
+    assert s.freed("10.122.0.4") == (1700000400.0, "6b3c2a10-7e4f-4c8d-9a61-2f0e8d7c6b5b")
+    s._compact()  # written back in the new layout, same content
+    s.close()
+    assert json.loads((tmp_path / "db_file.json").read_text())["schema"] == SCHEMA_VERSION
+    again = Store(str(tmp_path / "db_file.json"), writable=False)
+    assert again.by_name("web1") == web

@@ -7,6 +7,8 @@ import pytest
 from mdserver import tokens
 from mdserver.errors import BadRequest, Unauthorized
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     def __init__(self, t=1_000_000.0):

@@ -6,12 +6,14 @@ import time
 import pytest
 import yaml
 
-from conftest import make_instance, write_config
+from helpers import make_instance, write_config
 from golden import check
 from mdserver import config, userdata
 from mdserver.errors import TemplateError
-from mdserver.metadata import Site
+from mdserver.view import Site
 from mdserver.models import InstanceSettings
+
+pytestmark = pytest.mark.unit
 
 KEYS = "[public-keys]\nadmin = ssh-ed25519 AAAAC3Nza admin@host\nops = ssh-rsa AAAAB3 ops@h\n"
 HASH = "$6$saltsalt$0123456789abcdef"

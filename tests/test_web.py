@@ -5,14 +5,16 @@ import logging
 
 import pytest
 
-from conftest import make_instance, write_config
+from helpers import make_instance, write_config
 from mdserver import config, web
 from mdserver.errors import DaemonUnavailable, MdserverError
-from mdserver.cli import build_service
-from mdserver.metadata import VERSIONS
+from mdserver.wiring import build_service
+from mdserver.faces.ec2 import VERSIONS
 from mdserver.models import InstanceSettings
 from mdserver.store import Store
 import wsgi
+
+pytestmark = pytest.mark.unit
 
 GUEST = "10.122.0.7"
 OTHER = "10.122.0.8"
@@ -187,9 +189,9 @@ def test_unexpected_exception_is_500_and_app_keeps_working(env, caplog):
 
     def boom(*a):
         raise RuntimeError("boom")
-    service.lookup, original = boom, service.lookup
+    service.answer, original = boom, service.answer
     assert call(app, "GET", "/latest/meta-data/instance-id")[0] == 500
-    service.lookup = original
+    service.answer = original
     assert call(app, "GET", "/latest/meta-data/instance-id")[0] == 200
 
 

@@ -1,23 +1,21 @@
-"""The EC2 tree: exact content, listing rules and the traps DESIGN.md lists."""
+"""The EC2 face: exact content, listing rules and the traps DESIGN.md lists."""
 
 import json
 
 import pytest
 
-from conftest import make_instance
+from helpers import make_instance
 from golden import check
-from mdserver import metadata
-from mdserver.metadata import Site
+from mdserver.faces import ec2 as metadata
 from mdserver.models import InstanceSettings
+from mdserver.view import Site
+from views import SITE, view_of
 
-SITE = Site(availability_zone="mds-1a", region="mds-1", instance_type="m1.small",
-            ami_id="ami-00000000", domain="example.net", network="10.122.0.0/16",
-            public_keys=(("admin", "ssh-ed25519 AAAAC3Nza admin@host"),
-                         ("ops", "ssh-rsa AAAAB3Nza ops@host")))
+pytestmark = pytest.mark.unit
 
 
 def flat(inst=None, site=SITE):
-    return metadata.flatten(metadata.build_tree(inst or make_instance(7), site))
+    return metadata.flatten(metadata.build_tree(view_of(inst or make_instance(7), site)))
 
 
 def test_tree_golden():
@@ -105,3 +103,19 @@ def test_identity_document_fields():
                                   "dynamic/instance-identity"])
 def test_directories_are_served(path):
     assert flat()[path]
+
+
+def test_lookup_and_config_drive_file():
+    view = view_of(make_instance(7))
+    assert metadata.lookup(view, "").body.decode() == metadata.VERSION_LISTING
+    assert metadata.lookup(view, "latest/meta-data/instance-id").body == b"i-ec200007aaaa4bbb8"
+    assert metadata.lookup(view, "latest/meta-data/nope") is None
+    assert metadata.lookup(view, "2099-01-01/meta-data") is None
+    ud = metadata.lookup(view, "latest/user-data")
+    assert ud.body.startswith(b"#cloud-config") and not ud.cacheable
+    [(path, body)] = metadata.files(view)
+    assert path == "ec2/latest/meta-data.json"
+    doc = json.loads(body)
+    assert doc["instance-id"] == "i-ec200007aaaa4bbb8"
+    assert doc["public-keys"]["1"]["openssh-key"] == "ssh-rsa AAAAB3Nza ops@host"
+    assert doc["placement"]["availability-zone"] == "mds-1a"

@@ -1,12 +1,13 @@
-"""The EC2 metadata tree of one instance as plain data, and its rendering as responses."""
+"""The EC2 face: the meta-data tree of one instance, its versions, listings and identity document."""
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from mdserver.config import Config
-from mdserver.models import Instance
+from mdserver.faces import BINARY, Reply, text
+from mdserver.view import InstanceView
+
+NAME = "ec2"
 
 # The dated versions AWS lists at "/", oldest first; every one serves the same tree.
 VERSIONS: Tuple[str, ...] = (
@@ -34,110 +35,75 @@ class Dir(dict):
 Node = Union[str, Dir]
 
 
-@dataclass(frozen=True)
-class Site:
-    """The per-host facts every instance's tree shares, taken from the config once."""
-
-    availability_zone: str
-    region: str
-    instance_type: str
-    ami_id: str
-    domain: Optional[str]
-    network: str
-    public_keys: Tuple[Tuple[str, str], ...]
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "Site":
-        return cls(
-            availability_zone=cfg.mdserver.availability_zone,
-            region=cfg.mdserver.region,
-            instance_type=cfg.mdserver.instance_type,
-            ami_id=cfg.mdserver.ami_id,
-            domain=cfg.dnsmasq.domain,
-            network=str(cfg.dnsmasq.network),
-            public_keys=cfg.public_keys,
-        )
+def _short(view: InstanceView, width: int = 17) -> str:
+    return view.uuid.replace("-", "")[:width]
 
 
-def local_hostname(inst: Instance, site: Site) -> str:
-    return f"{inst.hostname}.{site.domain}" if site.domain else inst.hostname
-
-
-def all_keys(inst: Instance, site: Site) -> Tuple[Tuple[str, str], ...]:
-    """Configured keys, then the instance's own, each with a name."""
-    own = tuple((f"{inst.name}-{i}", k) for i, k in enumerate(inst.settings.ssh_keys))
-    return site.public_keys + own
-
-
-def _short(inst: Instance, width: int = 17) -> str:
-    return inst.uuid.replace("-", "")[:width]
-
-
-def identity_document(inst: Instance, site: Site) -> str:
+def identity_document(view: InstanceView) -> str:
     doc = {
         "accountId": "000000000000",
-        "architecture": inst.arch,
-        "availabilityZone": site.availability_zone,
+        "architecture": view.arch,
+        "availabilityZone": view.site.availability_zone,
         "billingProducts": None,
         "devpayProductCodes": None,
         "marketplaceProductCodes": None,
-        "imageId": site.ami_id,
-        "instanceId": inst.instance_id,
-        "instanceType": site.instance_type,
+        "imageId": view.site.ami_id,
+        "instanceId": view.ec2_instance_id,
+        "instanceType": view.site.instance_type,
         "kernelId": None,
-        "pendingTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(inst.first_seen)),
-        "privateIp": inst.ipv4,
+        "pendingTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(view.first_seen)),
+        "privateIp": view.ipv4,
         "ramdiskId": None,
-        "region": site.region,
+        "region": view.site.region,
         "version": IDENTITY_DOCUMENT_VERSION,
     }
     return json.dumps(doc, indent=2)
 
 
-def build_tree(inst: Instance, site: Site) -> Dir:
+def build_tree(view: InstanceView) -> Dir:
     """Everything under /<version>/ but user-data, for one instance."""
-    fqdn = local_hostname(inst, site)
+    site, fqdn = view.site, view.fqdn
     mac_dir = Dir({
         "device-number": "0",
-        "interface-id": f"eni-{_short(inst)}",
+        "interface-id": f"eni-{_short(view)}",
         "local-hostname": fqdn,
-        "local-ipv4s": inst.ipv4,
-        "mac": inst.mac,
+        "local-ipv4s": view.ipv4,
+        "mac": view.mac,
         "owner-id": "000000000000",
-        "security-group-ids": f"sg-{_short(inst)}",
+        "security-group-ids": f"sg-{_short(view)}",
         "security-groups": "default",
-        "subnet-id": f"subnet-{_short(inst)}",
+        "subnet-id": f"subnet-{_short(view)}",
         "subnet-ipv4-cidr-block": site.network,
-        "vpc-id": f"vpc-{_short(inst)}",
+        "vpc-id": f"vpc-{_short(view)}",
         "vpc-ipv4-cidr-block": site.network,
         "vpc-ipv4-cidr-blocks": site.network,
     })
-    meta = {
+    meta: Dict[str, Node] = {
         "ami-id": site.ami_id,
         "ami-launch-index": "0",
         "ami-manifest-path": "(unknown)",
         "block-device-mapping": Dir({"ami": "vda", "root": "/dev/vda"}),
         "hostname": fqdn,
         "instance-action": "none",
-        "instance-id": inst.instance_id,
+        "instance-id": view.ec2_instance_id,
         "instance-type": site.instance_type,
         "local-hostname": fqdn,
-        "local-ipv4": inst.ipv4,
-        "mac": inst.mac,
-        "network": Dir({"interfaces": Dir({"macs": Dir({inst.mac: mac_dir})})}),
+        "local-ipv4": view.ipv4,
+        "mac": view.mac,
+        "network": Dir({"interfaces": Dir({"macs": Dir({view.mac: mac_dir})})}),
         "placement": Dir({"availability-zone": site.availability_zone,
                           "region": site.region}),
         "public-hostname": fqdn,
-        "reservation-id": f"r-{_short(inst)}",
+        "reservation-id": f"r-{_short(view)}",
         "security-groups": "default",
         "services": Dir({"domain": "amazonaws.com", "partition": "aws"}),
     }
-    keys = all_keys(inst, site)
+    keys = view.public_keys
     if keys:  # AWS omits public-keys/ when there is no key: never list an empty dir
         meta["public-keys"] = Dir(
             {str(i): Dir({"openssh-key": key}) for i, (_, key) in enumerate(keys)},
             labels={str(i): f"{i}={name}" for i, (name, _) in enumerate(keys)})
-    dynamic = Dir({"instance-identity": Dir({"document": identity_document(inst, site)})})
+    dynamic = Dir({"instance-identity": Dir({"document": identity_document(view)})})
     return Dir({"dynamic": dynamic, "meta-data": Dir(meta), "user-data": ""})
 
 
@@ -167,3 +133,31 @@ def flatten(tree: Dir) -> Dict[str, str]:
     walk(tree, "")
     del out["user-data"]
     return out
+
+
+def lookup(view: InstanceView, path: str) -> Optional[Reply]:
+    """GET /<version>/<path...>; `path` is "latest/meta-data/..." ("" lists versions)."""
+    if not path:
+        return text(VERSION_LISTING)
+    version, _, rest = path.partition("/")
+    if version not in KNOWN_VERSIONS:
+        return None
+    rest = rest.strip("/")
+    if rest == "user-data":
+        # A failing template is a 500 here, as before: the EC2 datasource
+        # retries it, and guests on this route were configured that way.
+        return Reply(view.user_data().encode(), BINARY, cacheable=False)
+    body = flatten(build_tree(view)).get(rest)
+    return None if body is None else text(body)
+
+
+def _nested(node: Node) -> Any:
+    if isinstance(node, Dir):
+        return {name: _nested(child) for name, child in sorted(node.items())}
+    return node
+
+
+def files(view: InstanceView) -> List[Tuple[str, bytes]]:
+    """What a config drive carries of EC2: the meta-data tree as one JSON document."""
+    meta = _nested(build_tree(view)["meta-data"])
+    return [("ec2/latest/meta-data.json", json.dumps(meta, indent=1).encode())]

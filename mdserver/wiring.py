@@ -1,0 +1,69 @@
+"""The wiring the daemon and mdserverctl share: views, the metadata service, the guest app."""
+
+from functools import partial
+from typing import Callable, Optional, Tuple
+
+from mdserver import adminclient
+from mdserver import config as configmod
+from mdserver.errors import ConfigError, TemplateError
+from mdserver.models import Instance
+from mdserver.service import MetadataService, Views, fresh_seed
+from mdserver.store import Store
+from mdserver.tokens import TokenSigner, load_or_create_key
+from mdserver.userdata import Templates, check_cloud_config
+
+# Exit status of both commands for a configuration error.
+EXIT_CONFIG = 2
+
+
+def build_views(cfg: configmod.Config, seed: Callable[[Instance], bytes] = fresh_seed) -> Views:
+    md = cfg.mdserver
+    templates = Templates(md.userdata_dir, md.userdata_suffixes, md.default_template)
+    return Views(cfg, templates, read_vendor_data(md.vendor_data), seed)
+
+
+def build_service(cfg: configmod.Config, store: Store,
+                  signer: Optional[TokenSigner] = None) -> MetadataService:
+    signer = signer or TokenSigner(load_or_create_key(cfg.mdserver.token_key_file))
+    return MetadataService(cfg, store, signer, build_views(cfg))
+
+
+def build_guest_app(cfg: configmod.Config) -> Tuple[Callable, Callable[[], object]]:
+    """In the server worker: a read-only replica of the database and the
+    guest-facing app; uploads go to the main process over the admin socket."""
+    from mdserver import web
+    md = cfg.mdserver
+    replica = Store(md.db_file, writable=False)
+    app = web.metadata_app(
+        build_service(cfg, replica), access_log=md.access_log,
+        upload=partial(adminclient.request, md.admin_socket, "POST", "/instance-upload"),
+        host_addresses={"127.0.0.1", "::1", md.listen_address},
+        password=lambda uuid, blob: adminclient.request(
+            md.admin_socket, "POST", f"/instances/{uuid}/password", blob))
+    return app, replica.refresh
+
+
+def read_vendor_data(path: Optional[str]) -> Optional[str]:
+    """[mdserver] vendor_data, read once at start-up and checked as user-data is."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "mdserver", "vendor_data", f"cannot read: {e}") from None
+    try:
+        check_cloud_config(text, path)
+    except TemplateError as e:
+        raise ConfigError(path, "mdserver", "vendor_data", str(e)) from None
+    return text
+
+
+def template_problem(views: Views) -> Callable[[Instance], Optional[str]]:
+    def check(inst: Instance) -> Optional[str]:
+        try:
+            views.userdata(inst)
+        except TemplateError as e:
+            return str(e)
+        return None
+    return check
