@@ -195,3 +195,27 @@ def test_port_zero_is_reported_and_held(daemon, tmp_path):
     assert not report.exists()
     assert port_file("/run/mdserver/admin.sock") == "/run/mdserver/admin.port"
     assert port_file("/run/mdserver/ctl") == "/run/mdserver/ctl.port"
+
+
+def test_every_face_and_the_password_relay_through_the_real_daemon(daemon):
+    import json
+    import yaml
+    from mdserver import adminclient
+    d = daemon()
+    one, two = make_instance(1), make_instance(2)
+    md = json.loads(get(d, "/openstack/latest/meta_data.json", G1)[2])
+    assert md["uuid"] == one.uuid and md["public_keys"] == {"admin": KEY}
+    assert yaml.safe_load(get(d, "/nocloud/meta-data", G2)[2])["instance-id"] == two.uuid
+    assert get(d, f"/nocloud/{one.uuid}/meta-data", G2)[0] == 403
+    # the worker hands the guest's password to the main process (the only writer)
+    post = request(d.host, d.port, "POST", "/openstack/latest/password", source=G1,
+                   body="ZW5jcnlwdGVk")
+    assert post[0] == 200 and post[2] == ""
+    assert request(d.host, d.port, "POST", "/openstack/latest/password", source=G1,
+                   body="YWdhaW4=")[0] == 409
+    admin = os.path.join(os.path.dirname(d.log_path), "admin.sock")
+    assert adminclient.call(admin, "GET", f"/instances/{one.uuid}/password") == {
+        "password": "ZW5jcnlwdGVk"}
+    assert get(d, "/openstack/latest/password", G1)[2] == "ZW5jcnlwdGVk"  # replica followed
+    assert get(d, "/openstack/latest/password", G2)[2] == ""
+    assert adminclient.call(admin, "GET", f"/instances/{one.uuid}")["guest_password"] is True
