@@ -2,8 +2,6 @@
 
 import argparse
 import json
-import logging
-import os
 import subprocess
 import sys
 from typing import Callable, List, Optional
@@ -11,18 +9,18 @@ from urllib.parse import quote
 
 from mdserver import adminclient
 from mdserver import config as configmod
-from mdserver.wiring import EXIT_CONFIG, build_service, build_views
+from mdserver.wiring import EXIT_CONFIG, build_views, template_problem
 from mdserver.errors import ConfigError, DaemonUnavailable, MdserverError, TemplateError
 from mdserver.fsutil import atomic_write, safe_name
 from mdserver.models import SEED_ROUTES, Instance
-from mdserver.registry import record_json
+from mdserver.registry import describe
 from mdserver.seeds import FORMATS as SEED_FORMATS, seed_image
 from mdserver.service import fresh_seed
 from mdserver.store import Store
-from mdserver.tokens import KEY_BYTES, TokenSigner
+from mdserver.tokens import read_key
 from mdserver.view import derived_seed
 
-COLUMNS = ("name", "ip", "mac", "uuid", "hostname")
+COLUMNS = ("name", "ip", "mac", "uuid", "hostname", "route", "userdata")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -95,12 +93,9 @@ def check_config(path: str) -> int:
 
 
 def userdata(cfg: configmod.Config, args) -> int:
-    store = Store(cfg.mdserver.db_file, writable=False)
-    # Preview only: no token key is read or created.
-    service = build_service(cfg, store, TokenSigner(os.urandom(32)))
-    inst = store.find(args.instance)
+    inst = Store(cfg.mdserver.db_file, writable=False).find(args.instance)
     try:
-        path, text = service.views.userdata(inst)
+        path, text = build_views(cfg).userdata(inst)
     except TemplateError as e:
         print(f"mdserverctl: {inst.name}: {e}", file=sys.stderr)
         return 1
@@ -125,14 +120,22 @@ def _records(cfg: configmod.Config) -> List[dict]:
     except DaemonUnavailable as e:
         print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
         store = Store(cfg.mdserver.db_file, writable=False)
-        return [record_json(i) for i in sorted(store, key=lambda i: (i.name, i.uuid))]
+        check = template_problem(build_views(cfg))
+        return [describe(i, cfg.libvirt.route, check(i))
+                for i in sorted(store, key=lambda i: (i.name, i.uuid))]
+
+
+def _cell(record: dict, column: str) -> str:
+    value = str(record.get(column, "-"))
+    # the whole error is in show and --json; the table only flags it
+    return "ERROR" if column == "userdata" and value.startswith("error") else value
 
 
 def _print(records, as_json: bool) -> None:
     if as_json:
         print(json.dumps(records, indent=1))
         return
-    rows = [[str(r[c]) for c in COLUMNS] for r in records]
+    rows = [[_cell(r, c) for c in COLUMNS] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(COLUMNS)]
     for row in [[c.upper() for c in COLUMNS]] + rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -148,7 +151,8 @@ def show(cfg, args) -> int:
         record = _daemon(cfg, "GET", _url(args.instance))
     except DaemonUnavailable as e:
         print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
-        record = record_json(Store(cfg.mdserver.db_file, writable=False).find(args.instance))
+        inst = Store(cfg.mdserver.db_file, writable=False).find(args.instance)
+        record = describe(inst, cfg.libvirt.route, template_problem(build_views(cfg))(inst))
     if args.json:
         print(json.dumps(record, indent=1))
     else:
@@ -210,12 +214,11 @@ def _daemon_seed(cfg: configmod.Config) -> Callable[[Instance], bytes]:
     the daemon out of it."""
     path = cfg.mdserver.token_key_file
     try:
-        with open(path, "rb") as f:
-            key = f.read()
-        if len(key) < KEY_BYTES:
-            raise ValueError("shorter than a key")
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
+        key = read_key(path)
+        reason = "no key there yet"
+    except OSError as e:
+        key, reason = None, e.strerror or str(e)
+    if key is None:
         print(f"mdserverctl: warning: cannot read {path} ({reason}): random_seed differs "
               "from the daemon's image", file=sys.stderr)
         return fresh_seed
@@ -234,15 +237,8 @@ def seed(cfg: configmod.Config, args) -> int:
     if output == "-" and sys.stdout.isatty():
         raise MdserverError("refusing to write an ISO image to a terminal: "
                             "redirect it or give -o FILE")
-    views = build_views(cfg, _daemon_seed(cfg))
-    try:
-        views.userdata(inst)
-    except TemplateError as e:
-        print(f"mdserverctl: warning: {inst.name}: user-data left out of the image: {e}",
-              file=sys.stderr)
-        # said once here: not again by each face that leaves it out
-        logging.getLogger("mdserver.faces").setLevel(logging.CRITICAL)
-    data = seed_image(views(inst), fmt)
+    # A failing template: the face leaves user-data out and says so (stderr).
+    data = seed_image(build_views(cfg, _daemon_seed(cfg))(inst), fmt)
     if output == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()

@@ -160,10 +160,13 @@ class Registry:
         return sorted(self.store, key=lambda i: (i.name, i.uuid))
 
     def describe(self, inst: Instance) -> dict:
-        """record_json and whether its user-data renders now."""
-        problem = self.check(inst)
-        return dict(record_json(inst, self.cfg.libvirt.route),
-                    userdata="ok" if problem is None else f"error: {problem}")
+        return describe(inst, self.cfg.libvirt.route, self.check(inst))
+
+
+def describe(inst: Instance, default_route: str, problem: Optional[str]) -> dict:
+    """record_json and whether its user-data renders (`problem`: why not)."""
+    return dict(record_json(inst, default_route),
+                userdata="ok" if problem is None else f"error: {problem}")
 
 
 def record_json(inst: Instance, default_route: str = "") -> dict:

@@ -58,16 +58,23 @@ class TokenSigner:
         return left
 
 
-def load_or_create_key(path: str) -> bytes:
-    """The signing key kept at `path` (created 0600 on first use), so tokens
-    stay valid across restarts for exactly their TTL."""
+def read_key(path: str) -> Optional[bytes]:
+    """The key at `path`, None if there is none (or a short one); OSError
+    if it cannot be read."""
     try:
         with open(path, "rb") as f:
             key = f.read()
-        if len(key) >= KEY_BYTES:
-            return key
     except FileNotFoundError:
-        pass
+        return None
+    return key if len(key) >= KEY_BYTES else None
+
+
+def load_or_create_key(path: str) -> bytes:
+    """The signing key kept at `path` (created 0600 on first use), so tokens
+    stay valid across restarts for exactly their TTL."""
+    key = read_key(path)
+    if key is not None:
+        return key
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     key = os.urandom(KEY_BYTES)
     atomic_write(path, key, 0o600)

@@ -85,8 +85,9 @@ def test_mdserverctl_lifecycle(md, tmp_path):
     assert json.loads(r.stdout)[0]["ip"] == "127.77.0.2"
     assert ctl(md, "register", "-", stdin=domain_xml("vm1", U1, M1)).returncode == 0
     table = ctl(md, "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "IP", "MAC", "UUID", "HOSTNAME"]
+    assert table[0].split() == ["NAME", "IP", "MAC", "UUID", "HOSTNAME", "ROUTE", "USERDATA"]
     assert [line.split()[0] for line in table[1:]] == ["vm1", "vm2"]
+    assert [line.split()[-2:] for line in table[1:]] == [["openstack", "ok"]] * 2
     shown = json.loads(ctl(md, "show", "127.77.0.2", "--json").stdout)
     assert shown["name"] == "vm2" and "password" in shown and "$" not in json.dumps(shown)
     assert "vm2" in ctl(md, "show", "vm2").stdout
@@ -173,3 +174,18 @@ def test_names_with_odd_characters(md):
     assert r.returncode == 0 and json.loads(r.stdout)["name"] == odd
     assert ctl(md, "remove", odd).returncode == 0
     assert json.loads(ctl(md, "list", "--json").stdout) == []
+
+
+def test_a_failing_template_is_seen_at_registration_and_in_list_and_show(md):
+    (md.tmp / "userdata" / "vm1").write_text("#cloud-config\nkey: {{no_such_name}}\n")
+    r = ctl(md, "register", "-", "--json", stdin=domain_xml("vm1", U1, M1))
+    assert r.returncode == 0  # registered all the same: the VM must start
+    assert json.loads(r.stdout)[0]["userdata"].startswith("error: ")
+    assert "vm1 (%s): user-data fails" % U1 in md.output()
+    ctl(md, "register", "-", stdin=domain_xml("vm2", U2, M2))
+    rows = [line.split() for line in ctl(md, "list").stdout.splitlines()[1:]]
+    assert [(r[0], r[-1]) for r in rows] == [("vm1", "ERROR"), ("vm2", "ok")]
+    assert "no_such_name" in ctl(md, "show", "vm1").stdout
+    md.stop()  # read from the database, the same verdict
+    shown = json.loads(ctl(md, "show", "vm1", "--json").stdout)
+    assert shown["userdata"].startswith("error: ") and "no_such_name" in shown["userdata"]

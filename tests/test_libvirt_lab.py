@@ -99,7 +99,7 @@ def test_shipped_network_xml():
     assert root.find("bridge").get("name") == "br-mds"
     assert root.find("dns").get("enable") == "no"
     ips = [(ip.get("address"), ip.get("prefix")) for ip in root.findall("ip")]
-    assert ips == [("10.122.0.1", "16"), ("169.254.169.254", "32")]
+    assert ips == [("10.122.0.1", "16"), ("169.254.169.254", "32"), ("fe80::a9fe:a9fe", "64")]
     assert root.find(".//dhcp") is None, "libvirt must not run DHCP: our dnsmasq does"
 
 
@@ -109,7 +109,7 @@ def test_rename_network():
         renamed = ET.fromstring(rename_network(f.read(), "mdt-net-x", "mdt-br-x"))
     assert renamed.findtext("name") == "mdt-net-x"
     assert renamed.find("bridge").get("name") == "mdt-br-x"
-    assert len(renamed.findall("ip")) == 2
+    assert len(renamed.findall("ip")) == 3
 
 
 @pytest.mark.unit
