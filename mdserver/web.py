@@ -132,7 +132,7 @@ def metadata_app(service: MetadataService, access_log: bool = False,
 
     @app.post("/openstack/<version>/password")
     def openstack_password(version):
-        if version not in openstack.ALL_VERSIONS[1:]:  # nova: from 2013-04-04
+        if not openstack.takes_password(version):
             raise NotFound(f"no password at version {version!r}")
         inst = service.guest(guest_ip())
         body = read_body(request.environ, openstack.PASSWORD_MAX)

@@ -31,6 +31,11 @@ def _since(version: str, first: str) -> bool:
     return ALL_VERSIONS.index(version) >= ALL_VERSIONS.index(first)
 
 
+def takes_password(version: str) -> bool:
+    """Whether POST <version>/password stores one (nova: from 2013-04-04)."""
+    return version in ALL_VERSIONS and _since(version, GRIZZLY)
+
+
 def meta_data(view: InstanceView, version: str) -> Dict[str, Any]:
     md: Dict[str, Any] = {
         "uuid": view.uuid,
