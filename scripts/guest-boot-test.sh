@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Boot two stock Debian 12 guests under qemu and check that mdserver
-# configured them (tests/test_guest_boot.py), as root:
+# Boot stock Debian 12 guests under qemu, one per route (aws, openstack,
+# nocloud-net, configdrive), and check that mdserver configured them
+# (tests/test_guest_boot.py), as root:
 #   sudo ./scripts/guest-boot-test.sh [--image DIR] [--keep] [pytest args...]
 # --image DIR  use an image already built there (see tests/guest/README.md)
-# --keep       keep the guests up after the checks, until Enter
+# --keep       keep the last guests up after the checks, until Enter
+#              (with `-k ROUTE` to choose which)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()

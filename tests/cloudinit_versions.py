@@ -36,11 +36,14 @@ import fcntl
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
+
+# The guest image builder already reads this machine's apt sources.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest"))
+from build_image import host_source_entries  # noqa: E402
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 VERSIONS = ("22.4", "25.1")
@@ -95,32 +98,11 @@ def host_debian_archive():
 
 def _signed_by(uri):
     """The Signed-By of the host's entry for `uri` (a keyring path), if any."""
-    files = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*"))
     want = uri.rstrip("/")
-    for path in files:
-        if not (path.endswith(".list") or path.endswith(".sources")) or not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            continue
-        if path.endswith(".sources"):
-            for stanza in re.split(r"\n\s*\n", text):
-                fields = {}
-                for line in stanza.splitlines():
-                    if ":" in line and not line.startswith(("#", " ", "\t")):
-                        k, v = line.split(":", 1)
-                        fields[k.strip().lower()] = v.strip()
-                if want in [u.rstrip("/") for u in fields.get("uris", "").split()]:
-                    sb = fields.get("signed-by", "")
-                    return sb if sb.startswith("/") else ""
-        else:
-            for line in text.splitlines():
-                m = re.match(r"^deb\s+(?:\[([^\]]*)\]\s+)?(\S+)\s", line.strip())
-                if m and m.group(2).rstrip("/") == want:
-                    opts = dict(o.split("=", 1) for o in (m.group(1) or "").split() if "=" in o)
-                    return opts.get("signed-by", "")
+    for entry in host_source_entries():
+        if "deb" in entry["types"] and want in [u.rstrip("/") for u in entry["uris"]]:
+            sb = entry["signed-by"]
+            return sb if sb.startswith("/") else ""
     return ""
 
 

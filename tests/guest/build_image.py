@@ -209,15 +209,8 @@ def _read_deb822(text):
     return out
 
 
-def host_sources(root="/"):
-    """The machine's Debian bookworm apt sources, as a deb822 text.
-
-    Reads /etc/apt/sources.list and /etc/apt/sources.list.d/*.list|*.sources
-    (files disabled by renaming, e.g. *.disabled-*, are not read because of
-    their suffix).  Keeps binary ("deb") entries for bookworm,
-    bookworm-updates and bookworm-security with the "main" component, signed
-    (if at all) by Debian's archive keyring.
-    """
+def host_source_entries(root="/"):
+    """Every entry of the machine's apt sources (one-line and deb822 files)."""
     etc = os.path.join(root, "etc/apt")
     entries = []
     files = [os.path.join(etc, "sources.list")]
@@ -234,7 +227,20 @@ def host_sources(root="/"):
             entries += _read_deb822(text)
         elif path.endswith(".list") or path.endswith("sources.list"):
             entries += _read_oneline(text)
+    return entries
 
+
+def host_sources(root="/"):
+    """The machine's Debian bookworm apt sources, as a deb822 text.
+
+    Reads /etc/apt/sources.list and /etc/apt/sources.list.d/*.list|*.sources
+    (files disabled by renaming, e.g. *.disabled-*, are not read because of
+    their suffix).  Keeps binary ("deb") entries for bookworm,
+    bookworm-updates and bookworm-security with the "main" component, signed
+    (if at all) by Debian's archive keyring.
+    """
+    etc = os.path.join(root, "etc/apt")
+    entries = host_source_entries(root)
     by_uri = {}  # uri -> (suites, signed_by), keeping the order seen
     for e in entries:
         if not e["enabled"] or "deb" not in e["types"]:
@@ -421,13 +427,20 @@ def customize(root):
     _write(os.path.join(etc, "default/locale"), LOCALE)
 
 
+# What the initramfs must hold (mkinitramfs's default MODULES=most puts the
+# drivers in): an ext4 root on a virtio disk, and the CD-ROM of the config
+# drive test (IDE on the `pc` machine, or virtio-scsi). ds-identify looks for
+# the config-2 label from a systemd generator, before udev runs on the real
+# root: only the initramfs can have loaded the CD-ROM's drivers by then.
+INITRAMFS_NEEDS = ("/virtio_blk.ko", "/virtio_pci.ko", "/fsck.ext4",
+                   "/ata_piix.ko", "/virtio_scsi.ko", "/sr_mod.ko")
+
+
 def check_initramfs(root, version):
-    """The initramfs must be able to mount an ext4 root on a virtio disk
-    (mkinitramfs's default MODULES=most includes the drivers)."""
     out = subprocess.run(
         ["chroot", root, "lsinitramfs", "/boot/initrd.img-" + version],
         check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout
-    missing = [n for n in ("/virtio_blk.ko", "/virtio_pci.ko", "/fsck.ext4")
+    missing = [n for n in INITRAMFS_NEEDS
                if not re.search(re.escape(n) + "$", out, re.M)]
     if missing:
         raise RuntimeError("the initramfs lacks %s" % ", ".join(missing))
