@@ -170,9 +170,11 @@ def test_shipped_network_starts_with_both_addresses_in_a_namespace():
                     if ":" in line)
         assert info["Active"].strip() == "yes"
         assert info["Bridge"].strip() == bridge
-        assert sorted(lab.addresses(bridge)) == ["10.122.0.1/16", "169.254.169.254/32"]
-        # libvirt starts no dnsmasq when DNS is off and no DHCP range is given
-        assert [c for _p, c in lab.processes() if c == "dnsmasq"] == []
+        assert sorted(lab.addresses(bridge)) == ["10.122.0.1/16", "169.254.169.254/32",
+                                                 "fe80::a9fe:a9fe/64"]
+        # libvirt starts no dnsmasq when DNS is off and no DHCP range is given,
+        # and no router advertisements for the link-local IPv6 address
+        assert [c for _p, c in lab.processes() if c in ("dnsmasq", "radvd")] == []
         dumped = ET.fromstring(lab.virsh("net-dumpxml", name))
         assert dumped.find(".//dhcp") is None
         assert dumped.find("dns").get("enable") == "no"
