@@ -79,3 +79,37 @@ def test_daemon_demo_mode(tmp_path):
     finally:
         d.stop()
     assert (state / "db.json.journal").exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-c",
+                           "import sys; from mdserver.cli import daemon_main; "
+                           "from mdserver.ctl import main as ctl_main; "
+                           f"sys.exit({args[0]}(sys.argv[1:]))", *args[1:]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_check_config_ok_and_bad(tmp_path):
+    good = tmp_path / "good.conf"
+    good.write_text("[mdserver]\nport = 8080\ndebug = yes\n")
+    r = run_cli("ctl_main", "check-config", str(good))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{good}: OK"
+    assert r.stderr.count("\n") == 1 and "[mdserver] debug" in r.stderr  # one warning
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[dnsmasq]\ngateway = 192.168.1.1\n")
+    r = run_cli("ctl_main", "check-config", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert f"{bad}: [dnsmasq] gateway: 192.168.1.1 is not a host address" in r.stderr
+
+
+def test_daemon_refuses_bad_config_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.conf"
+    # Every path in the test's directory: should the value ever be accepted,
+    # the daemon must not reach the host's /run/mdserver or /var/lib/mdserver.
+    bad.write_text("[mdserver]\nport = 70000\ndb_file = db.json\nadmin_socket = admin.sock\n"
+                   "listen_address = 127.0.0.1\n[dnsmasq]\nbase_dir = dnsmasq\n")
+    r = run_cli("daemon_main", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"mdserver: {bad}: [mdserver] port: 70000 is outside 0..65535"

@@ -2,8 +2,6 @@
 
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 
@@ -196,37 +194,6 @@ def test_config_is_frozen(cfg):
     with pytest.raises(TypeError):
         cfg.template_data[0] = ("x", "y")  # type: ignore[index]
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # crosses into the server worker
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-c",
-                           "import sys; from mdserver.cli import daemon_main; "
-                           "from mdserver.ctl import main as ctl_main; "
-                           f"sys.exit({args[0]}(sys.argv[1:]))", *args[1:]],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
-
-
-def test_check_config_ok_and_bad(tmp_path):
-    good = tmp_path / "good.conf"
-    good.write_text("[mdserver]\nport = 8080\ndebug = yes\n")
-    r = run_cli("ctl_main", "check-config", str(good))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"{good}: OK"
-    assert r.stderr.count("\n") == 1 and "[mdserver] debug" in r.stderr  # one warning
-    bad = tmp_path / "bad.conf"
-    bad.write_text("[dnsmasq]\ngateway = 192.168.1.1\n")
-    r = run_cli("ctl_main", "check-config", str(bad))
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0
-    assert f"{bad}: [dnsmasq] gateway: 192.168.1.1 is not a host address" in r.stderr
-
-
-def test_daemon_refuses_bad_config_with_exit_2(tmp_path):
-    bad = tmp_path / "bad.conf"
-    bad.write_text("[mdserver]\nport = 70000\n")
-    r = run_cli("daemon_main", str(bad))
-    assert r.returncode == 2
-    assert r.stderr.strip() == f"mdserver: {bad}: [mdserver] port: 70000 is outside 0..65535"
 
 
 def test_new_sections_defaults_and_relative_paths(tmp_path):
