@@ -1,12 +1,15 @@
-"""Helpers the test modules import: configs in temp dirs, instances, domain XML, privileged-test gating."""
+"""Helpers the test modules import: configs in temp dirs, instances, views, domain XML, privileged-test gating."""
 
 import getpass
 import os
 import shutil
+from typing import Optional
 
 import pytest
 
+from mdserver.errors import TemplateError
 from mdserver.models import Instance, InstanceSettings
+from mdserver.view import InstanceView, Site, make_view
 
 # .ci/run sets this: a test that needs root or namespaces then fails instead
 # of skipping, so CI always runs it.
@@ -105,3 +108,24 @@ def mds_metadata(**elements) -> str:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             inner += f"<mds:{tag.replace('_', '-')}>{v}</mds:{tag.replace('_', '-')}>"
     return f"<mds:instance xmlns:mds='urn:mdserver:1'>{inner}</mds:instance>"
+
+
+# -- views for face tests: a fixed site, an InstanceView of a test instance ----
+
+SITE = Site(availability_zone="mds-1a", region="mds-1", instance_type="m1.small",
+            ami_id="ami-00000000", domain="example.net", network="10.122.0.0/16",
+            gateway="10.122.0.1", use_dns=True,
+            public_keys=(("admin", "ssh-ed25519 AAAAC3Nza admin@host"),
+                         ("ops", "ssh-rsa AAAAB3Nza ops@host")))
+USERDATA = "#cloud-config\nhostname: vm7\n"
+SEED = bytes(range(64))
+
+
+def view_of(inst, site: Site = SITE, userdata: Optional[str] = USERDATA,
+            password: Optional[str] = None) -> InstanceView:
+    """`userdata` None: the template fails (TemplateError)."""
+    def render() -> str:
+        if userdata is None:
+            raise TemplateError("t.yaml: NameError: name 'nope' is not defined")
+        return userdata
+    return make_view(inst, site, password, SEED, render)

@@ -9,7 +9,7 @@ from golden import check
 from mdserver.faces import ec2 as metadata
 from mdserver.models import InstanceSettings
 from mdserver.view import Site
-from views import SITE, view_of
+from helpers import SITE, view_of
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from golden import check
 from mdserver.errors import Forbidden
 from mdserver.faces import nocloud
 from mdserver.models import InstanceSettings
-from views import SITE, view_of
+from helpers import SITE, view_of
 
 pytestmark = pytest.mark.unit
 

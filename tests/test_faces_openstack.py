@@ -9,7 +9,7 @@ from helpers import make_instance
 from golden import check
 from mdserver.faces import openstack
 from mdserver.models import InstanceSettings
-from views import SITE, view_of
+from helpers import SITE, view_of
 
 pytestmark = pytest.mark.unit
 

@@ -21,7 +21,7 @@ from mdserver.seeds import FORMATS, SeedImages, seed_files, seed_image
 from mdserver.store import Store
 from mdserver.view import derived_seed
 from mdserver.wiring import build_views
-from views import view_of
+from helpers import view_of
 
 unit, process = pytest.mark.unit, pytest.mark.process
 
