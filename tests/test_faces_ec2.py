@@ -4,12 +4,11 @@ import json
 
 import pytest
 
-from helpers import make_instance
 from golden import check
 from mdserver.faces import ec2 as metadata
 from mdserver.models import InstanceSettings
 from mdserver.view import Site
-from helpers import SITE, view_of
+from helpers import SITE, make_instance, view_of
 
 pytestmark = pytest.mark.unit
 
