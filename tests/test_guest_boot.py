@@ -293,13 +293,8 @@ class BootLab:
     def stop(self, guest):
         """Our qemu, by its PID; the overlay goes with the run's directory."""
         for p in (guest.poll, guest.gather, guest.proc):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            if p is not None:
+                terminate(p)
 
     def close(self):
         for g in self.guests:
@@ -307,14 +302,20 @@ class BootLab:
         for p in reversed(self.procs):  # ours only, by PID
             if isinstance(p, Daemon):
                 p.stop()
-            elif p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            else:
+                terminate(p)
         self.lab.close()
+
+
+def terminate(p):
+    """SIGTERM one child of ours, SIGKILL after 10 s."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def accel(kernel, initrd, tmp):
