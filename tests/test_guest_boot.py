@@ -511,6 +511,12 @@ def configured(b, g, now):
     console = b.tmp / g.console
     if console.exists() and FINISHED.search(console.read_text(errors="replace")):
         return True
+    if g.poll is not None and g.poll.poll() is None and now >= g.next_poll:
+        # An SSH attempt that hangs (a loaded machine) means "not yet": end it
+        # and ask again later, never fail the run for it.
+        g.poll.kill()
+        g.poll.wait()
+        g.poll = None
     if g.poll is not None and g.poll.poll() is not None:
         out = g.poll.stdout.read()
         g.poll = None
