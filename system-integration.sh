@@ -20,8 +20,10 @@ Installs mdserver from this source tree (run as root):
   /etc/mdserver/mdserver.conf configuration, only if absent (else the new default
                               goes beside it as mdserver.conf.dist); 0640 root:mdserver
   /etc/mdserver/userdata/     user-data templates, with example.yaml
-  UNITDIR/mdserver.service, UNITDIR/mdserver-dnsmasq.service
+  UNITDIR/mdserver.service, UNITDIR/mdserver-dnsmasq.service,
+  UNITDIR/mdserver-enroll.service
                               systemd units, @BINDIR@ replaced by BINDIR
+                              (mdserver-enroll needs libvirt's Python binding)
   /etc/libvirt/hooks/qemu.d/mdserver
                               the libvirt hook (0755)
   user and group mdserver     system user, no login shell, home /var/lib/mdserver
@@ -302,6 +304,8 @@ install_venv() {
     [ -z "$DESTDIR" ] || pip+=(--no-compile)
     [ -t 1 ] || pip+=(--quiet)
     "${pip[@]}" "$TMP/src" || die "pip install of mdserver into $PREFIX failed"
+    # mdserver-enroll (installed with it) needs libvirt's Python binding.
+    "$py" -c 'import libvirt' 2>/dev/null || say "note: mdserver-enroll needs libvirt's Python binding: $py -m pip install libvirt-python (needs libvirt-dev and pkg-config to build)"
     if [ -n "$DESTDIR" ]; then relocate_venv "$venv" "$PREFIX"; fi
     changed "installed mdserver into $PREFIX"
     record "venv $PREFIX"
@@ -355,7 +359,8 @@ readable_by_daemon() {
 do_install() {
     local f
     for f in etc/mdserver/mdserver.conf etc/mdserver/userdata/example.yaml \
-             systemd/mdserver.service systemd/mdserver-dnsmasq.service hooks/qemu; do
+             systemd/mdserver.service systemd/mdserver-dnsmasq.service \
+             systemd/mdserver-enroll.service hooks/qemu; do
         [ -f "$SRC/$f" ] || die "missing $f in the source tree $SRC"
     done
     read_manifest
@@ -396,7 +401,7 @@ do_install() {
 
     # systemd units, @BINDIR@ substituted.
     ensure_dir "$UNITDIR" 0755
-    for f in mdserver.service mdserver-dnsmasq.service; do
+    for f in mdserver.service mdserver-dnsmasq.service mdserver-enroll.service; do
         sed "s|@BINDIR@|$BINDIR|g" "$SRC/systemd/$f" > "$TMP/$f"
         ! grep -q '@[A-Z]*@' "$TMP/$f" || die "systemd/$f: unknown @...@ placeholder"
         put_file "$TMP/$f" "$UNITDIR/$f" 0644
@@ -434,6 +439,8 @@ $PROG: done. Next:
   - edit $conf (mdserverctl check-config $conf checks it)
   - systemctl enable --now mdserver.service   (starts mdserver-dnsmasq.service too;
     after an upgrade: systemctl restart mdserver.service)
+  - systemctl enable --now mdserver-enroll.service   (gives every domain on the
+    network its route and registers it; needs libvirt's Python binding)
   - make libvirt see the hook: systemctl reload libvirtd (or virtqemud), or
     kill -HUP \$(pidof libvirtd); libvirt only looks for new hooks then
 EOF
@@ -486,7 +493,7 @@ do_uninstall() {
     done < "$DESTDIR$MANIFEST"
 
     if systemd_running; then
-        systemctl disable --now mdserver.service mdserver-dnsmasq.service 2>/dev/null || true
+        systemctl disable --now mdserver-enroll.service mdserver.service mdserver-dnsmasq.service 2>/dev/null || true
     fi
     for path in "${files[@]}"; do
         if [ -e "$DESTDIR$path" ] || [ -L "$DESTDIR$path" ]; then

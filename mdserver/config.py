@@ -228,6 +228,12 @@ KEYS: Tuple[Key, ...] = (
         "How a guest finds its data unless its <mds:route> says otherwise:\n"
         "openstack, ec2, nocloud-net (over HTTP), configdrive or nocloud (seed\n"
         "image on a CD-ROM), none. configdrive and nocloud instances get a seed image."),
+    Key("libvirt", "uri", _text, "qemu:///system",
+        "libvirt connection URI of mdserver-enroll (the enroller; never the daemon)."),
+    Key("libvirt", "enroll", _choice("new", "all", "none"), "new",
+        "Which domains on net_name mdserver-enroll gives their route: new (those\n"
+        "mdserver has never registered), all (every one, on each definition) or\n"
+        "none (register only, never edit a definition)."),
     Key("seeds", "dir", _optional_path, "",
         "Directory of the seed images (<domain UUID>.iso), kept current for every\n"
         "instance on the configdrive or nocloud route. Empty: seeds/ beside db_file."),
@@ -286,6 +292,8 @@ class MdserverSection:
 @dataclass(frozen=True)
 class LibvirtSection:
     route: str
+    uri: str = "qemu:///system"
+    enroll: str = "new"
 
 
 @dataclass(frozen=True)
@@ -467,7 +475,8 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
     return Config(
         mdserver=MdserverSection(**md),
         dnsmasq=dnsmasq,
-        libvirt=LibvirtSection(route=get("libvirt", "route")),
+        libvirt=LibvirtSection(route=get("libvirt", "route"), uri=get("libvirt", "uri"),
+                              enroll=get("libvirt", "enroll")),
         seeds=SeedsSection(dir=seeds_dir),
         public_keys=tuple(public_keys),
         template_data=tuple(template_data.items()),

@@ -1,18 +1,21 @@
 """Composition root of `mdserverctl`, the admin tool (virsh style)."""
 
 import argparse
+import difflib
 import json
+import os
 import subprocess
 import sys
 from typing import Callable, List, Optional
 from urllib.parse import quote
 
-from mdserver import adminclient
+from mdserver import adminclient, pruning
 from mdserver import config as configmod
 from mdserver.wiring import EXIT_CONFIG, build_views, template_problem
 from mdserver.errors import ConfigError, DaemonUnavailable, MdserverError, TemplateError
 from mdserver.fsutil import atomic_write, safe_name
-from mdserver.models import SEED_ROUTES, Instance
+from mdserver.models import ROUTES, SEED_ROUTES, Instance
+from mdserver import routes as routesmod
 from mdserver.registry import describe
 from mdserver.seeds import FORMATS as SEED_FORMATS, seed_image
 from mdserver.service import fresh_seed
@@ -70,6 +73,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("instance", help="instance name or UUID")
     p.add_argument("--clear", action="store_true",
                    help="delete it, so the guest may store a new one (needs the daemon)")
+    p = sub.add_parser(
+        "route", help="show the domain XML a guest's route needs (--xml FILE: without libvirt)",
+        description="Print the domain XML with the route its guest needs applied (SMBIOS "
+                    "entries or the seed CD-ROM, and <mds:route>), as mdserver-enroll "
+                    "applies it; the changes, the problems and the equivalent "
+                    "virt-install/virt-xml options go to standard error, one line each. "
+                    "Exit 0 if the route is in place, 1 if something prevents it.")
+    p.add_argument("domain", nargs="?", metavar="NAME|UUID",
+                   help="a domain of libvirt's ([libvirt] uri), read with its inactive XML")
+    p.add_argument("--xml", metavar="FILE",
+                   help="domain XML file (virsh dumpxml --inactive), or - for standard input")
+    p.add_argument("--route", choices=ROUTES,
+                   help="default: the route the domain already shows (or its <mds:route>), "
+                        "else [libvirt] route")
+    p.add_argument("--force", action="store_true",
+                   help="switch a domain that shows another route: removes what mdserver "
+                        "added for it (the guest may be provisioned again)")
+    p.add_argument("--diff", action="store_true",
+                   help="print a unified diff instead of the whole document")
+    p.add_argument("--apply", action="store_true",
+                   help="with a domain: define it with the route applied and register it, "
+                        "as mdserver-enroll does (it takes effect at the next cold boot)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
@@ -197,9 +222,13 @@ def libvirt_uuids(connect: Optional[str]) -> set:
 
 def prune(cfg, args) -> int:
     known = libvirt_uuids(args.connect)
-    gone = [r for r in _records(cfg) if r["uuid"] not in known]
+    # the same guards as mdserver-enroll; --yes overrides the 10% one only
+    decision = pruning.decide(_records(cfg), known, force=args.yes)
+    gone = list(decision.gone)
     if args.yes:
-        gone = [_write(cfg, "DELETE", _url(r['uuid'])) for r in gone]
+        if decision.refused:
+            raise MdserverError(decision.refused)
+        gone = [_write(cfg, "DELETE", _url(r['uuid'])) for r in decision.remove]
     _print(gone, args.json)
     if not args.json:
         verb = "removed" if args.yes else "unknown to libvirt (remove with --yes)"
@@ -272,8 +301,84 @@ def password(cfg: configmod.Config, args) -> int:
     return 0
 
 
+def _libvirt_domain(cfg: configmod.Config, key: str):
+    """(connection, domain) for a name or UUID, through [libvirt] uri."""
+    from mdserver.enroll import load_libvirt
+    libvirt = load_libvirt()
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are raised here
+    try:
+        conn = libvirt.open(cfg.libvirt.uri)
+    except libvirt.libvirtError as e:
+        raise MdserverError(f"cannot connect to {cfg.libvirt.uri}: {e}") from None
+    for lookup in (conn.lookupByName, conn.lookupByUUIDString):
+        try:
+            return libvirt, conn, lookup(key)
+        except libvirt.libvirtError:
+            continue
+    raise MdserverError(f"libvirt has no domain {key!r} ({cfg.libvirt.uri})")
+
+
+def route(cfg: configmod.Config, args) -> int:
+    if bool(args.domain) == bool(args.xml):
+        raise MdserverError("route: give a domain NAME|UUID or --xml FILE (one of them)")
+    if args.apply and not args.domain:
+        raise MdserverError("route: --apply needs a domain of libvirt's, not --xml")
+    if args.domain:
+        libvirt, conn, dom = _libvirt_domain(cfg, args.domain)
+        text = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        source = f"{dom.name()} (libvirt)"
+    else:
+        text, source = _read_text(args.xml), args.xml if args.xml != "-" else "standard input"
+    facts = routesmod.domain_facts(text)
+    wanted = args.route or routesmod.existing_route(text) or cfg.libvirt.route
+    seed_path = os.path.join(cfg.seeds.dir, facts.uuid + ".iso")
+    plan = routesmod.plan(text, wanted, seed_path, force=args.force)
+    if args.diff or args.apply:
+        sys.stdout.writelines(difflib.unified_diff(
+            text.splitlines(True), plan.xml.splitlines(True), source,
+            f"{source} (route {wanted})"))
+    else:
+        sys.stdout.write(plan.xml)
+    sys.stdout.flush()
+    ok = plan.route == wanted
+    state = "in place" if ok else f"NOT in place (the domain keeps {plan.route or 'no route'})"
+    print(f"# {facts.name}: route {wanted} {state}, {len(plan.changes)} change(s)",
+          file=sys.stderr)
+    for line in plan.changes:
+        print(f"change: {line}", file=sys.stderr)
+    for line in plan.problems:
+        print(f"problem: {line}", file=sys.stderr)
+    if plan.changed or not ok:
+        for line in routesmod.virt_options(wanted, facts.uuid, seed_path, facts.machine,
+                                           facts.name or facts.uuid):
+            print(f"equivalent: {line}", file=sys.stderr)
+    if args.apply and ok:
+        if plan.changed:
+            conn.defineXML(plan.xml)  # the same edit mdserver-enroll makes
+            print(f"# {facts.name}: defined with route {wanted}; a running guest gets it at "
+                  "its next cold boot", file=sys.stderr)
+        _write(cfg, "POST", "/instance-upload", plan.xml.encode())
+    return 0 if ok else 1
+
+
+def _read_text(path: str) -> str:
+    """A file (or - for standard input) as UTF-8 text."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise MdserverError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MdserverError(f"{path}: not UTF-8: {e}") from None
+
+
 COMMANDS = {"userdata": userdata, "list": list_, "show": show, "register": register,
-            "remove": remove, "prune": prune, "seed": seed, "password": password}
+            "remove": remove, "prune": prune, "seed": seed, "password": password, "route": route}
 
 
 if __name__ == "__main__":

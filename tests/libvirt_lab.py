@@ -484,6 +484,7 @@ class LibvirtLab:
         self._netns_ino = 0
         self._started = False
         self._closed = False
+        self._restarted: List[subprocess.Popen] = []  # libvirtds of restart_libvirtd()
 
     # -- context manager ---------------------------------------------------
 
@@ -722,6 +723,26 @@ class LibvirtLab:
                     return
             time.sleep(0.05)
         raise LabError("libvirtd did not reload after SIGHUP:\n" + self.diagnostics())
+
+    def restart_libvirtd(self, down: float = 0.0) -> None:
+        """Stop libvirtd (SIGTERM), wait `down` seconds, start it again in the lab's
+        namespaces (then a child of this process, not of the holder) and wait until
+        it answers. Definitions and active networks survive, as on a host."""
+        _terminate(self.libvirtd_pid, 20)
+        time.sleep(down)
+        out = open(self.path("libvirtd.stderr"), "ab")
+        try:  # nsenter execs (no fork without a PID namespace): the PID is libvirtd's
+            p = subprocess.Popen(
+                self.ns_prefix() + ["env", "-i", f"PATH={_SBIN_PATH}", "LC_ALL=C", "HOME=/root",
+                                    "libvirtd", "-f", self.path("libvirtd.conf"),
+                                    "-p", "/run/libvirt/libvirtd.pid"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                close_fds=True)
+        finally:
+            out.close()
+        self._restarted.append(p)
+        self.libvirtd_pid = p.pid
+        self._wait_ready(time.monotonic())
 
     def _log_text(self) -> str:
         try:

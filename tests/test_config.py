@@ -159,7 +159,7 @@ def test_includes_later_values_win(tmp_path):
     ("[public-keys]\nempty =\n", "[public-keys] empty", "empty key"),
     ("[mdserver]\nnetwork_config = bridged\n", "[mdserver] network_config", "not one of"),
     ("[libvirt]\nroute = azure\n", "[libvirt] route", "not one of"),
-    ("[libvirt]\nuri = qemu:///system\n", "[libvirt] uri", "unknown key"),
+    ("[libvirt]\nconnect = qemu:///system\n", "[libvirt] connect", "unknown key"),
     ("[seeds]\nformat = iso\n", "[seeds] format", "unknown key"),
     ("[template-data]\nmeta = x\n", "[template-data] meta", "shadows"),
     ("[mdserver\nport = 1\n", "", "File contains no section headers"),

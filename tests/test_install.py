@@ -35,6 +35,7 @@ INSTALLED = [
     "etc/systemd/",
     "etc/systemd/system/",
     "etc/systemd/system/mdserver-dnsmasq.service",
+    "etc/systemd/system/mdserver-enroll.service",
     "etc/systemd/system/mdserver.service",
     "var/",
     "var/lib/",
@@ -47,14 +48,18 @@ MODES = {
     "etc/mdserver/userdata/example.yaml": 0o640,
     "etc/systemd/system/mdserver.service": 0o644,
     "etc/systemd/system/mdserver-dnsmasq.service": 0o644,
+    "etc/systemd/system/mdserver-enroll.service": 0o644,
     "var/lib/mdserver/": 0o711,
 }
 # What the live system has at the places the script would write without
 # DESTDIR: must be the same after every run.
 LIVE_PATHS = ["/etc/mdserver", "/etc/systemd/system/mdserver.service",
               "/etc/systemd/system/mdserver-dnsmasq.service",
+              "/etc/systemd/system/mdserver-enroll.service",
               "/etc/libvirt/hooks", "/var/lib/mdserver", PREFIX, "/opt/mdserver",
               "/etc/passwd", "/etc/group", "/etc/shadow"]
+# systemd-analyze security --offline=true of systemd/mdserver-enroll.service
+ENROLL_EXPOSURE = 0.7
 # Commands that would change the live system: stubs that log and fail.
 STUBS = ["useradd", "groupadd", "userdel", "groupdel", "usermod", "chown", "chgrp",
          "systemctl"]
@@ -147,7 +152,7 @@ def test_destdir_install_file_list_and_uninstall(dest, stubs):
                        "etc/mdserver/userdata/example.yaml")]:
         with open(os.path.join(ROOT, src), "rb") as a, open(os.path.join(dest, path), "rb") as b:
             assert a.read() == b.read(), path
-    for unit in ("mdserver.service", "mdserver-dnsmasq.service"):
+    for unit in ("mdserver.service", "mdserver-dnsmasq.service", "mdserver-enroll.service"):
         with open(os.path.join(ROOT, "systemd", unit)) as f:
             source = f.read()
         with open(os.path.join(dest, "etc/systemd/system", unit)) as f:
@@ -261,6 +266,16 @@ def test_mdserver_unit_exposure(dest, stubs):
     assert exposure <= 3.0
 
 
+def test_enroll_unit_exposure(dest, stubs):
+    # Root (libvirtd grants qemu:///system to uid 0) with no capability, no
+    # network, nothing writable: what remains is "runs as root".
+    need(shutil.which("systemd-analyze"), "needs systemd-analyze (Debian package systemd)")
+    run(["--destdir", dest, "--no-venv"], stubs)
+    exposure = _overall_exposure(os.path.join(dest, "etc/systemd/system/mdserver-enroll.service"))
+    print(f"mdserver-enroll.service: overall exposure {exposure}")
+    assert exposure <= ENROLL_EXPOSURE
+
+
 def test_units_verify(dest, tmp_path, stubs):
     need(shutil.which("systemd-analyze"), "needs systemd-analyze (Debian package systemd)")
     need(os.access("/usr/sbin/dnsmasq", os.X_OK), "needs /usr/sbin/dnsmasq (Debian package dnsmasq-base)")
@@ -269,9 +284,12 @@ def test_units_verify(dest, tmp_path, stubs):
     bindir.mkdir()
     (bindir / "mdserver").write_text("#!/bin/sh\n")
     (bindir / "mdserver").chmod(0o755)
+    (bindir / "mdserver-enroll").write_text("#!/bin/sh\n")
+    (bindir / "mdserver-enroll").chmod(0o755)
     run(["--destdir", dest, "--no-venv", "--bindir", str(bindir)], stubs)
     units = [os.path.join(dest, "etc/systemd/system", u)
-             for u in ("mdserver.service", "mdserver-dnsmasq.service")]
+             for u in ("mdserver.service", "mdserver-dnsmasq.service",
+                       "mdserver-enroll.service")]
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no"] + units,
                           capture_output=True, text=True, timeout=120)
     # Any complaint (an unknown or misspelt option too) is printed: want none.
@@ -288,6 +306,7 @@ def test_venv_install(dest, tmp_path, stubs):
     venv = dest + prefix
     assert os.access(venv + "/bin/mdserver", os.X_OK)
     assert os.access(venv + "/bin/mdserverctl", os.X_OK)
+    assert os.access(venv + "/bin/mdserver-enroll", os.X_OK)
     with open(venv + "/bin/mdserver") as f:
         assert f.readline().startswith(f"#!{prefix}/bin/python")
     # No staged path left in the scripts or pyvenv.cfg.

@@ -1,0 +1,341 @@
+"""mdserver-enroll: gives every libvirt domain on mdserver's network its route and registers it.
+
+A process of its own, never the guest-facing daemon: access to
+qemu:///system is root-equivalent. It talks to libvirt through libvirt-python
+(its default event loop, in a thread) and to mdserver through the admin
+socket only.
+
+- On (re)connect: every domain with an interface on [dnsmasq] net_name is
+  enrolled, then records of domains libvirt no longer has are pruned (with
+  the guards of mdserver.pruning).
+- DEFINED: the domain is enrolled. UNDEFINED: its instance is removed, unless
+  the domain just migrated away (STOPPED/MIGRATED seen shortly before).
+- Enroll: policy [libvirt] enroll (none: register only; new: apply a route
+  only to a domain mdserver has never registered; all: always). The route is
+  the one the domain records or already shows (never switched), else
+  [libvirt] route. The changed definition is defined again (its DEFINED
+  event then changes nothing), then registered.
+
+Event callbacks only queue work: a libvirt call inside a callback can
+deadlock the event loop. One worker thread does the libvirt calls and admin
+requests, in event order.
+"""
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional, Set, Tuple
+from urllib.parse import quote
+
+from mdserver import adminclient, domainxml, logs, pruning, routes
+from mdserver import config as configmod
+from mdserver.errors import BadDomainXML, ConfigError, DaemonUnavailable, MdserverError
+from mdserver.notify import sd_notify
+
+log = logging.getLogger("mdserver.enroll")
+
+EXIT_CONFIG = 2
+BACKOFF_MAX = 30.0
+ADMIN_RETRY = 5.0  # seconds between looks at an admin socket that did not answer
+MIGRATION_MEMORY = 120.0  # seconds an outgoing migration protects an UNDEFINED
+
+
+def load_libvirt() -> Any:
+    """libvirt's Python binding, or MdserverError saying how to get it."""
+    try:
+        return importlib.import_module("libvirt")
+    except ImportError:
+        raise MdserverError("libvirt's Python binding is missing (install python3-libvirt "
+                            "or pip install 'mdserver[enroll]')") from None
+
+
+def _url(uuid: str) -> str:
+    return "/instances/" + quote(uuid, safe="")
+
+
+class Enroller:
+    def __init__(self, cfg: configmod.Config, libvirt: Any):
+        self.cfg = cfg
+        self.libvirt = libvirt
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+        self.work: "queue.Queue[Optional[Tuple[str, Any]]]" = queue.Queue()
+        self.conn: Any = None
+        self.migrated: Dict[str, float] = {}
+        self.reported: Set[Tuple[str, str]] = set()  # (uuid, problem) logged once
+        self.admin_down = False  # mdserver did not answer: sync again once it does
+
+    # -- admin socket ----------------------------------------------------------
+
+    def _admin(self, method: str, url: str, body: Optional[bytes] = None) -> Tuple[int, Any]:
+        status, data = adminclient.request(self.cfg.mdserver.admin_socket, method, url, body)
+        if self.admin_down:
+            self.admin_down = False
+            log.info("mdserver answers again: enrolling every domain")
+            self.work.put(("sync", None))
+        if status == 200:
+            return status, json.loads(data)
+        return status, data.decode(errors="replace").strip()
+
+    def known(self, uuid: str) -> bool:
+        status, data = self._admin("GET", _url(uuid))
+        if status == 200:
+            return True
+        if status == 404:
+            return False
+        raise MdserverError(f"GET {_url(uuid)}: {data or status}")
+
+    def _once(self, uuid: str, message: str, level: int = logging.WARNING) -> None:
+        if (uuid, message) not in self.reported:
+            self.reported.add((uuid, message))
+            log.log(level, "%s", message)
+
+    # -- enrollment --------------------------------------------------------------
+
+    def enroll(self, conn: Any, dom: Any) -> None:
+        lv = self.libvirt
+        uuid = dom.UUIDString().lower()
+        name = dom.name()
+        xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
+        dn = self.cfg.dnsmasq
+        try:
+            domainxml.parse(xml.encode(), dn.net_name, dn.interface)
+        except BadDomainXML as e:
+            if not str(e).startswith("no <interface>"):  # not ours: silently
+                self._once(uuid, f"{name}: not enrolled: {e}")
+            return
+        policy = self.cfg.libvirt.enroll
+        if policy == "all" or (policy == "new" and not self.known(uuid)):
+            if dom.isPersistent():
+                xml = self._apply_route(conn, dom, uuid, name, xml)
+            else:  # defineXML would make it persistent: not ours to decide
+                self._once(uuid, f"{name}: transient domain (virsh create): registered, "
+                                 "its route is not applied", logging.INFO)
+        status, data = self._admin("POST", "/instance-upload", xml.encode())
+        if status != 200:
+            self._once(uuid, f"{name}: not registered: {data}")
+            return
+        log.debug("%s: registered (%s)", name, data.get("ip", "?") if isinstance(data, dict)
+                  else "?")
+
+    def _apply_route(self, conn: Any, dom: Any, uuid: str, name: str, xml: str) -> str:
+        route = (routes.recorded_route(xml) or routes.existing_route(xml)
+                 or self.cfg.libvirt.route)
+        try:
+            plan = routes.plan(xml, route,
+                               seed_path=os.path.join(self.cfg.seeds.dir, uuid + ".iso"))
+        except (BadDomainXML, ValueError) as e:
+            self._once(uuid, f"{name}: route {route}: left alone: {e}")
+            return xml
+        for problem in plan.problems:
+            self._once(uuid, f"{name}: route {route}: {problem}")
+        if not plan.changed:
+            return xml
+        conn.defineXML(plan.xml)
+        for change in plan.changes:
+            log.info("%s: route %s: %s", name, route, change)
+        return dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    def remove(self, uuid: str) -> None:
+        if time.monotonic() - self.migrated.pop(uuid, -1e9) < MIGRATION_MEMORY:
+            log.info("%s: undefined after migrating away: record kept", uuid)
+            return
+        status, data = self._admin("DELETE", _url(uuid))
+        if status == 200:
+            log.info("%s: undefined: instance %s removed", uuid, data.get("name", "")
+                     if isinstance(data, dict) else "")
+        elif status != 404:
+            log.warning("%s: undefined, but not removed: %s", uuid, data)
+
+    def sync(self, conn: Any) -> None:
+        """Enroll every domain, then prune records of domains libvirt no longer has."""
+        domains = conn.listAllDomains(0)
+        for dom in domains:
+            self._guarded(self.enroll, conn, dom)
+        uuids = {d.UUIDString().lower() for d in domains}
+        status, records = self._admin("GET", "/instances")
+        if status != 200:
+            log.warning("cannot list instances: %s", records)
+            return
+        decision = pruning.decide(records, uuids)
+        if decision.refused:
+            log.warning("prune: %s", decision.refused)
+        for r in decision.remove:
+            status, data = self._admin("DELETE", _url(r["uuid"]))
+            if status == 200:
+                log.info("%s (%s): unknown to libvirt: instance removed", r.get("name"),
+                         r["uuid"])
+        log.info("%d domain(s) seen, %d record(s) pruned", len(domains), len(decision.remove))
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except self.libvirt.libvirtError as e:
+            log.warning("libvirt: %s", e)
+        except DaemonUnavailable as e:
+            if not self.admin_down:
+                self.admin_down = True
+                log.warning("%s: every domain is enrolled again once it answers", e)
+        except MdserverError as e:
+            log.warning("%s", e)
+
+    # -- worker and events -----------------------------------------------------
+
+    def worker(self) -> None:
+        while True:
+            try:
+                item = self.work.get(timeout=ADMIN_RETRY)
+            except queue.Empty:
+                if self.admin_down and self.conn is not None:
+                    self._guarded(self._admin, "GET", "/instances")  # answers: sync queued
+                continue
+            if item is None:
+                return
+            kind, arg = item
+            conn = self.conn
+            if kind == "sync" and conn is not None:
+                self._guarded(self.sync, conn)
+            elif kind == "defined" and conn is not None:
+                self._guarded(self._enroll_uuid, conn, arg)
+            elif kind == "migrated":
+                self.migrated[arg] = time.monotonic()
+            elif kind == "undefined":
+                self._guarded(self.remove, arg)
+
+    def _enroll_uuid(self, conn: Any, uuid: str) -> None:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except self.libvirt.libvirtError:
+            return  # gone again already: its UNDEFINED follows
+        self.enroll(conn, dom)
+
+    def _lifecycle(self, conn, dom, event, detail, opaque) -> None:
+        # In the event-loop thread: queue only, no libvirt call (UUIDString is local).
+        lv = self.libvirt
+        uuid = dom.UUIDString().lower()
+        if event == lv.VIR_DOMAIN_EVENT_DEFINED:
+            self.work.put(("defined", uuid))
+        elif event == lv.VIR_DOMAIN_EVENT_UNDEFINED:
+            self.work.put(("undefined", uuid))
+        elif event == lv.VIR_DOMAIN_EVENT_STOPPED and \
+                detail == lv.VIR_DOMAIN_EVENT_STOPPED_MIGRATED:
+            self.work.put(("migrated", uuid))
+
+    def _closed(self, conn, reason, opaque) -> None:
+        self.lost.set()
+
+    # -- connection ------------------------------------------------------------
+
+    def run(self) -> int:
+        lv = self.libvirt
+        uri = self.cfg.libvirt.uri
+        worker = threading.Thread(target=self.worker, name="enroll-worker", daemon=True)
+        worker.start()
+        backoff, waiting = 1.0, False
+        while not self.stop.is_set():
+            try:
+                conn = lv.open(uri)
+            except lv.libvirtError as e:
+                if not waiting:
+                    log.warning("waiting for libvirt at %s: %s", uri,
+                                e.get_error_message() or e)
+                    sd_notify("STATUS=waiting for libvirt")
+                    waiting = True
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            waiting, backoff = False, 1.0
+            self.lost.clear()
+            try:
+                conn.registerCloseCallback(self._closed, None)
+                conn.setKeepAlive(5, 3)
+                cb = conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                 self._lifecycle, None)
+            except lv.libvirtError as e:
+                log.warning("libvirt at %s: %s", uri, e.get_error_message() or e)
+                self._close(conn)
+                self.stop.wait(backoff)
+                continue
+            self.conn = conn
+            log.info("connected to libvirt at %s", uri)
+            sd_notify(f"READY=1\nSTATUS=connected to {uri}")
+            self.work.put(("sync", None))
+            while not self.stop.is_set() and not self.lost.is_set():
+                self.stop.wait(0.5)
+            self.conn = None
+            if self.lost.is_set():
+                log.warning("lost the connection to libvirt at %s", uri)
+                sd_notify("STATUS=waiting for libvirt")
+            else:
+                try:
+                    conn.domainEventDeregisterAny(cb)
+                except lv.libvirtError:
+                    pass
+            self._close(conn)
+            self.stop.wait(1.0)
+        self.work.put(None)
+        worker.join(10)
+        return 0
+
+    def _close(self, conn: Any) -> None:
+        try:
+            conn.unregisterCloseCallback()
+        except self.libvirt.libvirtError:
+            pass
+        try:
+            conn.close()
+        except self.libvirt.libvirtError:
+            pass
+
+
+def _event_loop(libvirt: Any) -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdserver-enroll",
+        description="Give libvirt domains on mdserver's network their route and register "
+                    "them (a process apart from the mdserver daemon).")
+    parser.add_argument("config", nargs="?", default=configmod.DEFAULT_PATH,
+                        help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    args = parser.parse_args(argv)
+    try:
+        cfg = configmod.load(args.config)
+    except ConfigError as e:
+        print(f"mdserver-enroll: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        libvirt = load_libvirt()
+    except MdserverError as e:
+        print(f"mdserver-enroll: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    # Its own log goes to stderr (the journal): [mdserver] logfile is the daemon's.
+    logs.setup(cfg.mdserver.loglevel, None)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stderr noise
+    libvirt.virEventRegisterDefaultImpl()
+    threading.Thread(target=_event_loop, args=(libvirt,), name="libvirt-events",
+                     daemon=True).start()
+    enroller = Enroller(cfg, libvirt)
+
+    def _stop(signum, frame) -> None:
+        enroller.stop.set()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("mdserver-enroll: libvirt %s, network %s, enroll = %s, route = %s",
+             cfg.libvirt.uri, cfg.dnsmasq.net_name, cfg.libvirt.enroll, cfg.libvirt.route)
+    return enroller.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
