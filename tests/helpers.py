@@ -3,6 +3,7 @@
 import getpass
 import os
 import shutil
+import socket
 from typing import Optional
 
 import pytest
@@ -129,3 +130,16 @@ def view_of(inst, site: Site = SITE, userdata: Optional[str] = USERDATA,
             raise TemplateError("t.yaml: NameError: name 'nope' is not defined")
         return userdata
     return make_view(inst, site, password, SEED, render)
+
+
+class Notify:
+    """A systemd notify socket of the test's own."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(30)
+        self.path = path
+
+    def next(self) -> str:
+        return self.sock.recv(512).decode()

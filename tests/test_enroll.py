@@ -10,7 +10,6 @@ enroller acts on definitions.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from daemon import ROOT, Daemon
-from helpers import mds_metadata, need, need_root, write_config
+from helpers import Notify, mds_metadata, need, need_root, write_config
 from mdserver import adminclient
 from mdserver.domainxml import NAMESPACE
 
@@ -65,17 +64,6 @@ def plain_domain(name: str, uuid: str, mac: str, network: str, metadata: str = "
 
 def uuid_mac(n: int):
     return f"5e1f{n:04x}-aaaa-4bbb-8ccc-{n:012x}", f"52:54:00:e0:00:{n:02x}"
-
-
-class Notify:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(30)
-        self.path = path
-
-    def next(self) -> str:
-        return self.sock.recv(512).decode()
 
 
 class World:
@@ -328,7 +316,7 @@ def test_mdserver_down_then_back_gets_every_domain_enrolled(world):
     w.define(xml)
     # enroll = new needs mdserver to tell whether it knows the domain: left
     # alone until mdserver answers again (looked at every 5 s)
-    w.wait("DEFINED handled", lambda: "every domain is enrolled again" in w.output())
+    w.wait("DEFINED handled", lambda: "every domain is enrolled again" in w.output(), 20)
     assert not enrolled(w.inactive(name))
     w.md = w.start_mdserver()
     w.wait("enrolled and registered once mdserver is back",

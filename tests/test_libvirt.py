@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from helpers import mds_metadata, need, need_root, write_config
+from helpers import Notify, mds_metadata, need, need_root, write_config
 from daemon import ROOT, Daemon
 from mdserver import adminclient
 from netns import Lab, exec_in, start_dnsmasq
@@ -37,19 +37,6 @@ NETWORK_XML = os.path.join(ROOT, "etc", "libvirt", "mds-network.xml")
 VM1 = ("ec2c0001-aaaa-4bbb-8ccc-000000000001", "52:54:00:c0:00:01")
 VM2 = ("ec2c0002-aaaa-4bbb-8ccc-000000000002", "52:54:00:c0:00:02")
 VM3 = ("ec2c0003-aaaa-4bbb-8ccc-000000000003", "52:54:00:c0:00:03")
-
-
-class Notify:
-    """A systemd notify socket of the test's own."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(30)
-        self.path = path
-
-    def next(self) -> str:
-        return self.sock.recv(512).decode()
 
 
 @pytest.fixture
