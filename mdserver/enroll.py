@@ -13,8 +13,10 @@ socket only.
 - Enroll: policy [libvirt] enroll (none: register only; new: apply a route
   only to a domain mdserver has never registered; all: always). The route is
   the one the domain records or already shows (never switched), else
-  [libvirt] route. The changed definition is defined again (its DEFINED
-  event then changes nothing), then registered.
+  [libvirt] route. The domain is registered first (a domain started right
+  after its definition needs its address at once), then the changed
+  definition is defined again (its DEFINED event then changes nothing) and
+  registered again.
 
 Event callbacks only queue work: a libvirt call inside a callback can
 deadlock the event loop. One worker thread does the libvirt calls and admin
@@ -112,18 +114,30 @@ class Enroller:
                 self._once(uuid, f"{name}: not enrolled: {e}")
             return
         policy = self.cfg.libvirt.enroll
-        if policy == "all" or (policy == "new" and not self.known(uuid)):
-            if dom.isPersistent():
-                xml = self._apply_route(conn, dom, uuid, name, xml)
-            else:  # defineXML would make it persistent: not ours to decide
-                self._once(uuid, f"{name}: transient domain (virsh create): registered, "
-                                 "its route is not applied", logging.INFO)
+        wanted = policy == "all" or (policy == "new" and not self.known(uuid))
+        # Registered first: a domain started right after its definition (as
+        # virt-install does) asks for its address within seconds, before the
+        # edit below is done.
+        if not self._register(uuid, name, xml):
+            return
+        if not wanted:
+            return
+        if not dom.isPersistent():  # defineXML would make it persistent: not ours to decide
+            self._once(uuid, f"{name}: transient domain (virsh create): registered, "
+                             "its route is not applied", logging.INFO)
+            return
+        edited = self._apply_route(conn, dom, uuid, name, xml)
+        if edited != xml:
+            self._register(uuid, name, edited)  # its recorded route, its seed image
+
+    def _register(self, uuid: str, name: str, xml: str) -> bool:
         status, data = self._admin("POST", "/instance-upload", xml.encode())
         if status != 200:
             self._once(uuid, f"{name}: not registered: {data}")
-            return
+            return False
         log.debug("%s: registered (%s)", name, data.get("ip", "?") if isinstance(data, dict)
                   else "?")
+        return True
 
     def _apply_route(self, conn: Any, dom: Any, uuid: str, name: str, xml: str) -> str:
         route = (routes.recorded_route(xml) or routes.existing_route(xml)

@@ -8,18 +8,16 @@ read-only cdrom; SeedImages keeps those files in step with the database.
 
 Modes and ownership. The directory is 0711: QEMU's user (libvirt-qemu,
 qemu on Fedora) must traverse it to open an image by name, but nobody but
-the daemon may list it (names are UUIDs). Images are 0600 and owned by the
+the daemon may list it (names are UUIDs). Images are written 0600 by the
 daemon's user (they hold user-data and the password hash): with libvirt's
 default `dynamic_ownership = 1` (qemu.conf) libvirtd chowns an image to the
-QEMU user when the domain starts and gives it back when it stops (remembered
-in trusted.libvirt.security.* xattrs), and its security driver labels it
-too: AppArmor's virt-aa-helper adds the image's path to the domain's own
-profile (read-only for a <readonly/> disk), SELinux's svirt labels it
-(virt_content_t for a read-only disk, svirt_image_t:<MCS> otherwise) and
-restores the label at stop. While the domain runs the daemon may therefore
-be unable to read its image (owned by the QEMU user): it then compares with
-what it wrote last, and rewrites only on a change (replacing the file: QEMU
-keeps reading the old one until the domain's next start).
+QEMU user when the domain starts, and its security driver labels it
+(AppArmor's virt-aa-helper adds the path to the domain's own profile,
+SELinux's svirt relabels it). libvirt 9.0 does not give a read-only disk
+back when the domain stops (seen in tests/test_libvirt_boot.py): the image
+then stays the QEMU user's, 0600. The daemon may therefore be unable to read
+an image: it compares with what it wrote last, and on a change replaces the
+file (the directory is its own), which QEMU opens at the domain's next start.
 """
 
 import hashlib

@@ -461,10 +461,16 @@ class LibvirtLab:
     written (mode 0755) into the lab's /etc/libvirt/hooks/qemu.d/ before
     libvirtd starts. Hooks run inside the lab's network and mount namespaces
     and are the only hooks libvirtd sees.
+
+    qemu_conf: the text of the lab's /etc/libvirt/qemu.conf (default
+    QEMU_CONF: QEMU as root, no ownership changes). `qemu_user_ids()` gives
+    the uid and gid libvirtd resolves for `libvirt-qemu`.
     """
 
     def __init__(self, hooks: Optional[Mapping[str, HookSource]] = None,
-                 keep_tmp: Optional[bool] = None, start_timeout: float = 120.0):
+                 keep_tmp: Optional[bool] = None, start_timeout: float = 120.0,
+                 qemu_conf: Optional[str] = None):
+        self.qemu_conf = QEMU_CONF if qemu_conf is None else qemu_conf  # the lab's qemu.conf
         self.tag = os.urandom(3).hex()
         self.netns = f"{PREFIX}lv-{self.tag}"
         self.hooks = dict(hooks or {})
@@ -576,7 +582,7 @@ class LibvirtLab:
                     "var/lib/libvirt/network", "var/log/libvirt/qemu"):
             os.makedirs(self.path("root", sub), exist_ok=True)
         with open(self.path("root/etc/libvirt/qemu.conf"), "w") as f:
-            f.write(QEMU_CONF)
+            f.write(self.qemu_conf)
         # the user libvirtd 9.0 insists on
         try:
             pwd.getpwnam("libvirt-qemu")
@@ -645,6 +651,20 @@ class LibvirtLab:
                 f.write(text)
             os.chmod(self.path(name), 0o644)
         return [(self.path("passwd"), "/etc/passwd"), (self.path("group"), "/etc/group")]
+
+    def qemu_user_ids(self) -> Tuple[int, int]:
+        """(uid, gid) of `libvirt-qemu` as libvirtd sees it (the lab's passwd copy
+        when the host has no such user)."""
+        try:
+            with open(self.path("passwd")) as f:
+                for line in f:
+                    fields = line.split(":")
+                    if fields[0] == "libvirt-qemu":
+                        return int(fields[2]), int(fields[3])
+        except OSError:
+            pass
+        pw = pwd.getpwnam("libvirt-qemu")
+        return pw.pw_uid, pw.pw_gid
 
     @staticmethod
     def _read_line(proc: subprocess.Popen, timeout: float) -> str:
