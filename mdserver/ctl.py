@@ -357,7 +357,10 @@ def route(cfg: configmod.Config, args) -> int:
             conn.defineXML(plan.xml)  # the same edit mdserver-enroll makes
             print(f"# {facts.name}: defined with route {wanted}; a running guest gets it at "
                   "its next cold boot", file=sys.stderr)
-        _write(cfg, "POST", "/instance-upload", plan.xml.encode())
+        live = dom.XMLDesc(0) if dom.isActive() else None
+        url = "/instance-upload?pending=1" if routesmod.pending(live, plan.xml) \
+            else "/instance-upload"
+        _write(cfg, "POST", url, plan.xml.encode())
     return 0 if ok else 1
 
 

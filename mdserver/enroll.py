@@ -118,7 +118,7 @@ class Enroller:
         # Registered first: a domain started right after its definition (as
         # virt-install does) asks for its address within seconds, before the
         # edit below is done.
-        if not self._register(uuid, name, xml):
+        if not self._register(dom, uuid, name, xml):
             return
         if not wanted:
             return
@@ -128,10 +128,12 @@ class Enroller:
             return
         edited = self._apply_route(conn, dom, uuid, name, xml)
         if edited != xml:
-            self._register(uuid, name, edited)  # its recorded route, its seed image
+            self._register(dom, uuid, name, edited)  # its recorded route, its seed image
 
-    def _register(self, uuid: str, name: str, xml: str) -> bool:
-        status, data = self._admin("POST", "/instance-upload", xml.encode())
+    def _register(self, dom: Any, uuid: str, name: str, xml: str) -> bool:
+        live = dom.XMLDesc(0) if dom.isActive() else None
+        url = "/instance-upload?pending=1" if routes.pending(live, xml) else "/instance-upload"
+        status, data = self._admin("POST", url, xml.encode())
         if status != 200:
             self._once(uuid, f"{name}: not registered: {data}")
             return False

@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional, Tuple
 
 # Version of the on-disk record layout; bump it with a converter in store.py.
-# 2: settings gained meta, network and route; records gained password_blob.
+# 2: settings gained meta, network and route; records gained password_blob
+#    and route_pending.
 SCHEMA_VERSION = 2
 
 # How a guest finds its data (<mds:route>, [libvirt] route).
@@ -57,6 +58,9 @@ class Instance:
     # What the guest POSTed to /openstack/<v>/password (cloudbase-init: an
     # admin password encrypted with the instance's key), once.
     password_blob: Optional[str] = None
+    # The definition was given its route while the domain ran: the guest sees
+    # it at its next cold boot (the hook's registration at that start clears it).
+    route_pending: bool = False
 
     @property
     def instance_id(self) -> str:
@@ -83,6 +87,7 @@ class Instance:
             arch=d.get("arch", "x86_64"),
             settings=InstanceSettings.from_dict(d.get("settings") or {}),
             password_blob=d.get("password_blob"),
+            route_pending=bool(d.get("route_pending", False)),
         )
 
     def updated(self, **changes: Any) -> "Instance":

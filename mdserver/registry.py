@@ -75,8 +75,13 @@ class Registry:
             return freed is not None and freed[1] != uuid and now - freed[0] < self.lease_len
         return taken
 
-    def register(self, xml: bytes) -> Instance:
-        """Parse, allocate (or keep) an address, store, update the sinks. All or nothing."""
+    def register(self, xml: bytes, pending: bool = False) -> Instance:
+        """Parse, allocate (or keep) an address, store, update the sinks. All or nothing.
+
+        `pending`: `xml` is the definition of a running domain that the guest
+        sees only at its next cold boot (the enroller or `mdserverctl route
+        --apply` changed it); a registration without it (the hook's, at a
+        start) means the guest runs what was registered."""
         dn = self.cfg.dnsmasq
         info = domainxml.parse(xml, dn.net_name, dn.interface)
         with self._lock:
@@ -97,7 +102,8 @@ class Registry:
                 first_seen=current.first_seen if current is not None else now,
                 last_seen=now, arch=info.arch, settings=info.settings,
                 password_blob=current.password_blob if current is not None
-                and current.uuid == info.uuid else None)
+                and current.uuid == info.uuid else None,
+                route_pending=pending)
             for old in stale.values():
                 log.warning("%s (%s) replaces %s (%s), which had the same %s", info.name,
                             info.uuid, old.name, old.uuid,
@@ -177,7 +183,8 @@ def record_json(inst: Instance, default_route: str = "") -> dict:
             "hostname": inst.hostname,
             # what the guest's cloud-init sees: only the EC2 face serves i-...
             "instance_id": inst.instance_id if route == "ec2" else inst.uuid,
-            "route": route, "network": s.network,
+            "route": f"{route} (pending: next cold boot)" if inst.route_pending else route,
+            "network": s.network,
             "first_seen": inst.first_seen, "last_seen": inst.last_seen,
             "template": s.template, "ssh_keys": len(s.ssh_keys),
             "meta": dict(s.meta), "password": s.password is not None,

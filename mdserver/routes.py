@@ -870,3 +870,9 @@ def virt_options(route: str, uuid: str, seed_path: Optional[str], machine: str,
                 "  (unless it has a virtio-scsi controller)",
                 f"virt-xml {q(domain)} --add-device --disk {q(disk)}"]
     return []
+
+
+def pending(live_xml: Optional[str], definition_xml: str) -> bool:
+    """Whether a running domain (`live_xml`; None: not running) shows its
+    guest another route than its definition will at the next cold boot."""
+    return live_xml is not None and existing_route(live_xml) != existing_route(definition_xml)

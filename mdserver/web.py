@@ -191,7 +191,10 @@ def admin_app(registry: Registry) -> Callable:
 
     @app.post("/instance-upload")
     def upload():
-        return reply(registry.describe(registry.register(read_body(request.environ))))
+        # ?pending=1: the definition of a running domain (see Registry.register)
+        pending = request.query.get("pending") == "1"
+        return reply(registry.describe(registry.register(read_body(request.environ),
+                                                         pending=pending)))
 
     @app.get("/instances")
     def list_():

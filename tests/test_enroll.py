@@ -446,3 +446,27 @@ def test_mdserverctl_route_shows_then_applies_what_the_enroller_would(world):
     assert again.returncode == 0 and "0 change(s)" in again.stderr, again.stderr
     missing = ctl("mdt-no-such-domain")
     assert missing.returncode == 1 and "libvirt has no domain" in missing.stderr
+
+
+def test_a_running_domain_shows_its_route_pending_until_its_next_cold_boot(world):
+    w = world
+    w.configure(enroll="none")  # the command makes the change, on a running domain
+    uuid, mac = uuid_mac(90)
+    name = w.lab.name("vm")
+    w.lab.start_domain(name, uuid, mac, w.net)  # running, no route of ours
+    live = w.lab.domain_xml(name)
+
+    def ctl(*args):
+        return subprocess.run(w.lab.ns_prefix() + [sys.executable, "-m", "mdserver.ctl", "-c",
+                                                    w.conf, *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert ctl("route", name, "--apply").returncode == 0
+    assert w.record(uuid)["route"] == "openstack (pending: next cold boot)"
+    assert "openstack (pending: next cold boot)" in ctl("show", uuid).stdout
+    assert w.lab.domain_xml(name) == live  # the running guest is untouched
+    # A cold boot: the hook registers what starts (here its POST, by hand:
+    # the lab has no hook installed), and the pending mark goes.
+    w.lab.virsh("destroy", name)
+    w.lab.virsh("start", name)
+    adminclient.call(w.admin, "POST", "/instance-upload", w.lab.domain_xml(name).encode())
+    assert w.record(uuid)["route"] == "openstack"

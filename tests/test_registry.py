@@ -219,3 +219,13 @@ def test_failing_template_is_reported_at_registration(tmp_path, caplog):
         assert registry.describe(inst)["instance_id"] == U1  # default route openstack
     finally:
         store.close()
+
+
+def test_a_pending_route_is_marked_until_a_plain_registration(world):
+    xml = domain_xml("vm1", U1, M1).encode()
+    inst = world.registry.register(xml, pending=True)
+    assert inst.route_pending
+    assert world.registry.describe(inst)["route"] == "openstack (pending: next cold boot)"
+    world.restart()  # kept in the database
+    assert world.store.by_uuid(U1).route_pending
+    assert world.registry.describe(world.registry.register(xml))["route"] == "openstack"

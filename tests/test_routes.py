@@ -535,3 +535,11 @@ def test_bytes_declaration_and_comments_before_the_root():
     p = routes.plan(x.encode(), "openstack")
     assert p.xml.startswith("<?xml version='1.0' encoding='UTF-8'?>\n<!-- kept in git -->\n")
     assert p.route == "openstack" and not routes.plan(p.xml, "openstack").changed
+
+
+def test_pending_means_the_running_guest_sees_another_route():
+    plain = read_data("route_pc.xml").decode()
+    enrolled = routes.plan(plain, "openstack").xml
+    assert routes.pending(plain, enrolled)  # running the plain one, defined with the route
+    assert not routes.pending(enrolled, enrolled)
+    assert not routes.pending(None, enrolled)  # not running: nothing pending
