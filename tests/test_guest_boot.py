@@ -708,24 +708,33 @@ def guest_of(lab, key) -> Guest:
 def test_stock_guest_is_configured(lab, key):
     g = guest_of(lab, key)
     r = g.route
-    assert g.error is None, f"{g.name}: {g.error} (console: {lab.tmp / g.console})"
-    f = g.facts  # gathered as USER with the key mdserver served, then sudo
-    assert f["hostname"] == g.hostname
-    assert f"inet {g.ip}/16" in f["addresses"], f["addresses"]
-    assert "status: done" in f["status"], f["status"]
-    result = json.loads(f["result"])["v1"]
-    assert result["errors"] == [], result
-    assert result["datasource"].startswith(r.datasource), result
-    assert f["found"] == [r.stage, r.datasource], f["found"]
-    assert f["shadow"].split(":")[1] == lab.password
-    assert f["marker"] == f"{g.name} {r.key if r.template else 'base'}"
-    assert f["cloud_id"] == r.cloud_id
+    check_facts(g, lab.tmp, lab.password, f"{g.name} {r.key if r.template else 'base'}")
+    f = g.facts
     if r.mds_route == "ec2":
         assert EC2_INSTANCE_ID.match(f["instance_id"]), f["instance_id"]
         assert f["instance_id"] == g.record["instance_id"]
     else:
         assert f["instance_id"] == g.uuid == g.record["instance_id"]
     check_requests(r, [(m, p, s, tok) for _, m, p, s, tok in g.requests])
+
+
+def check_facts(g, tmp, password, marker):
+    """What a configured guest must show over SSH (gathered as USER with the
+    key mdserver served, then sudo): its name, address, cloud-init done with
+    its route's datasource and no error, the password, the template's marker."""
+    r = g.route
+    assert g.error is None, f"{g.name}: {g.error} (console: {tmp / g.console})"
+    f = g.facts
+    assert f["hostname"] == g.hostname, (f["hostname"], g.hostname)
+    assert f"inet {g.ip}/16" in f["addresses"], f["addresses"]
+    assert "status: done" in f["status"], f["status"]
+    result = json.loads(f["result"])["v1"]
+    assert result["errors"] == [], result
+    assert result["datasource"].startswith(r.datasource), result
+    assert f["found"] == [r.stage, r.datasource], f["found"]
+    assert f["shadow"].split(":")[1] == password
+    assert f["marker"] == marker
+    assert f["cloud_id"] == r.cloud_id, f["cloud_id"]
 
 
 def check_requests(route, seen):
