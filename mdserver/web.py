@@ -123,12 +123,17 @@ def metadata_app(service: MetadataService, access_log: bool = False,
         ctype = "application/json" if status == 200 else TEXT
         return HTTPResponse(data, status, {"Content-Type": ctype})
 
-    # -- OpenStack -------------------------------------------------------------
-    @app.get("/openstack")
-    @app.get("/openstack/")
-    @app.get("/openstack/<path:path>")
-    def openstack_get(path=""):
-        return _reply(service.answer(openstack, guest_ip(), path))
+    def mount(face) -> None:
+        """GET /<face>, /<face>/ and /<face>/<path>, answered by `face`."""
+        def get(path=""):
+            return _reply(service.answer(face, guest_ip(), path))
+        root = "/" + face.NAME
+        for rule in (root, root + "/", root + "/<path:path>"):
+            app.get(rule, callback=get)
+
+    # -- OpenStack and NoCloud: plain GETs, plus the guest's password ------------
+    mount(openstack)
+    mount(nocloud)
 
     @app.post("/openstack/<version>/password")
     def openstack_password(version):
@@ -141,13 +146,6 @@ def metadata_app(service: MetadataService, access_log: bool = False,
         status, data = password(inst.uuid, body)
         # The record the admin socket answers with is not the guest's business.
         return HTTPResponse(b"" if status == 200 else data, status, {"Content-Type": TEXT})
-
-    # -- NoCloud ---------------------------------------------------------------
-    @app.get("/nocloud")
-    @app.get("/nocloud/")
-    @app.get("/nocloud/<path:path>")
-    def nocloud_get(path=""):
-        return _reply(service.answer(nocloud, guest_ip(), path))
 
     # -- EC2 -------------------------------------------------------------------
     @app.get("/")
