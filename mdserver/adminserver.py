@@ -17,6 +17,9 @@ class _AdminHandler(WSGIRequestHandler):
 class AdminServer(ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # A host rebooting starts its VMs at once, each hook connecting here: a
+    # full backlog fails a Unix connect at once (EAGAIN), not after a wait.
+    request_queue_size = 512
 
     def __init__(self, path: str, app: Callable):
         self.app = app

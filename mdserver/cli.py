@@ -10,7 +10,7 @@ from mdserver import config as configmod
 from mdserver.dnsmasq import DnsmasqFiles
 from mdserver.errors import ConfigError, MdserverError
 from mdserver.registry import Registry
-from mdserver.store import Store
+from mdserver.stores import open_store
 from mdserver.tokens import load_or_create_key
 from mdserver.view import derived_seed
 from mdserver.wiring import (EXIT_CONFIG, build_guest_app, build_views, read_vendor_data,
@@ -49,7 +49,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     from mdserver import server, web
     from mdserver.seeds import SeedImages
     try:
-        store = Store(cfg.mdserver.db_file, freed_retention=cfg.dnsmasq.lease_len)
+        store = open_store(cfg)
     except MdserverError as e:
         log.error("%s", e)
         return 1
@@ -58,7 +58,9 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         # views, with each instance's random seed fixed (seed images are
         # rewritten only when their content changes).
         views = build_views(cfg, derived_seed(load_or_create_key(cfg.mdserver.token_key_file)))
-        registry = Registry(cfg, store, [DnsmasqFiles(cfg), SeedImages(cfg.seeds.dir, views)],
+        host = store.host
+        registry = Registry(cfg, store, [DnsmasqFiles(cfg, host=host),
+                                         SeedImages(cfg.seeds.dir, views, host=host)],
                             on_change=server.notify_workers, check=template_problem(views))
         registry.sync()
         if args.demo:

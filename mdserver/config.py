@@ -4,6 +4,7 @@ import configparser
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -150,6 +151,26 @@ def _path(text: str) -> str:
     return text
 
 
+def _endpoints(text: str) -> Tuple[str, ...]:
+    out = tuple(e.strip().rstrip("/") for e in text.split(",") if e.strip())
+    for e in out:
+        if not re.match(r"^https?://[^/\s]+$", e):
+            raise ValueError(f"{e!r} is not an http:// or https:// URL (host:port, no path)")
+    return out
+
+
+def _store_prefix(text: str) -> str:
+    if not re.match(r"^/[A-Za-z0-9_./-]*/$", text):
+        raise ValueError(f"{text!r} is not a key prefix like /mdserver/ (starts and ends with /)")
+    return text
+
+
+def _host_name(text: str) -> str:
+    if text and not HOST_LABEL.match(text):
+        raise ValueError(f"{text!r} is not a host name (letters, digits, '-'; at most 63)")
+    return text
+
+
 def _optional_path(text: str) -> Optional[str]:
     return _optional_text(text)
 
@@ -237,6 +258,25 @@ KEYS: Tuple[Key, ...] = (
     Key("seeds", "dir", _optional_path, "",
         "Directory of the seed images (<domain UUID>.iso), kept current for every\n"
         "instance on the configdrive or nocloud route. Empty: seeds/ beside db_file."),
+    Key("store", "backend", _choice("local", "etcd"), "local",
+        "Where the instance registry lives: local (db_file, this host only) or etcd\n"
+        "(shared by every hypervisor that names the same endpoints and prefix; this\n"
+        "host answers guests from its copy, etcd-cache.json beside db_file)."),
+    Key("store", "endpoints", _endpoints, "",
+        "etcd client URLs, comma-separated, e.g. https://10.0.0.1:2379,https://10.0.0.2:2379\n"
+        "(every member: one being down is then harmless). Needed with backend = etcd."),
+    Key("store", "prefix", _store_prefix, "/mdserver/",
+        "Key prefix of this registry in etcd (several registries may share a cluster)."),
+    Key("store", "host", _host_name, "",
+        "This hypervisor's name in the registry: it owns the instances it registers\n"
+        "(DHCP entries, seed images, removal). Unique per hypervisor; one daemon at a\n"
+        "time may use it. Empty: this machine's host name."),
+    Key("store", "ca_file", _optional_path, "", "CA certificate that signed etcd's (https)."),
+    Key("store", "cert_file", _optional_path, "", "Client certificate for etcd (with key_file)."),
+    Key("store", "key_file", _optional_path, "", "Private key of cert_file."),
+    Key("store", "username", _optional_text, "", "etcd user (etcd's auth enabled). Empty: none."),
+    Key("store", "password_file", _optional_path, "",
+        "File holding that user's password (kept out of this file and of logs)."),
     Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
         "Directory for the generated dnsmasq configuration."),
     Key("dnsmasq", "user", _text, "mdserver", "User dnsmasq runs as (so mdserver can signal it)."),
@@ -257,7 +297,7 @@ KEYS: Tuple[Key, ...] = (
         "Empty: the host's resolvers (/etc/resolv.conf)."),
 )
 KEY_TABLE: Dict[Tuple[str, str], Key] = {(k.section, k.name): k for k in KEYS}
-SECTIONS = ("mdserver", "dnsmasq", "libvirt", "seeds")
+SECTIONS = ("mdserver", "dnsmasq", "libvirt", "seeds", "store")
 FREE_SECTIONS = ("public-keys", "template-data")
 INCLUDE = "_include_"
 
@@ -302,6 +342,19 @@ class SeedsSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    backend: str = "local"
+    endpoints: Tuple[str, ...] = ()
+    prefix: str = "/mdserver/"
+    host: str = ""
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    username: Optional[str] = None
+    password_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class DnsmasqSection:
     base_dir: str
     user: str
@@ -332,6 +385,7 @@ class Config:
     template_data: Tuple[Tuple[str, str], ...]  # ordered pairs: picklable, immutable
     path: str = ""
     warnings: Tuple[str, ...] = field(default=(), compare=False)
+    store: StoreSection = StoreSection(host="localhost")
 
 
 # Names the user-data context defines itself; [template-data] may not shadow them.
@@ -472,7 +526,10 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
     seeds_dir = get("seeds", "dir")
     seeds_dir = os.path.join(base, seeds_dir) if seeds_dir else \
         os.path.join(os.path.dirname(md["db_file"]), "seeds")
+    store = _store(base, {k.name: get("store", k.name) for k in KEYS if k.section == "store"},
+                   origin_of)
     return Config(
+        store=store,
         mdserver=MdserverSection(**md),
         dnsmasq=dnsmasq,
         libvirt=LibvirtSection(route=get("libvirt", "route"), uri=get("libvirt", "uri"),
@@ -502,6 +559,30 @@ def _config_items(text: str, values: Mapping, origin: str) -> Dict[str, str]:
             raise ConfigError(origin, "template-data", "_config_items_",
                               f"{item!r} is not a known setting")
     return out
+
+
+def _store(base: str, st: Dict[str, Any], origin: Callable[[str, str], str]) -> StoreSection:
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        if st[key]:
+            st[key] = os.path.join(base, st[key])
+    if not st["host"]:
+        st["host"] = socket.gethostname().split(".")[0]
+    if st["backend"] == "etcd" and not st["endpoints"]:
+        raise ConfigError(origin("store", "endpoints"), "store", "endpoints",
+                          "backend = etcd needs at least one endpoint")
+    if bool(st["cert_file"]) != bool(st["key_file"]):
+        missing = "key_file" if st["cert_file"] else "cert_file"
+        raise ConfigError(origin("store", missing), "store", missing,
+                          "cert_file and key_file go together")
+    if bool(st["username"]) != bool(st["password_file"]):
+        missing = "password_file" if st["username"] else "username"
+        raise ConfigError(origin("store", missing), "store", missing,
+                          "username and password_file go together")
+    tls = st["ca_file"] or st["cert_file"]
+    if tls and any(e.startswith("http://") for e in st["endpoints"]):
+        raise ConfigError(origin("store", "endpoints"), "store", "endpoints",
+                          "TLS files are set but an endpoint is http://; use https://")
+    return StoreSection(**st)
 
 
 def _check_network(dn: DnsmasqSection, origin: Callable[[str, str], str]) -> None:

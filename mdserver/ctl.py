@@ -20,6 +20,7 @@ from mdserver.registry import describe
 from mdserver.seeds import FORMATS as SEED_FORMATS, seed_image
 from mdserver.service import fresh_seed
 from mdserver.store import Store
+from mdserver.stores import open_replica, replica_path
 from mdserver.tokens import read_key
 from mdserver.view import derived_seed
 
@@ -45,6 +46,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("remove", help="remove an instance (its address is freed)")
     p.add_argument("instance", help="instance name or UUID")
+    p.add_argument("--any-host", action="store_true",
+                   help="also an instance another hypervisor owns (shared registry)")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("prune", help="list (with --yes remove) instances libvirt no longer has")
     p.add_argument("--yes", action="store_true", help="remove them")
@@ -95,6 +98,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--apply", action="store_true",
                    help="with a domain: define it with the route applied and register it, "
                         "as mdserver-enroll does (it takes effect at the next cold boot)")
+    p = sub.add_parser("store", help="the instance store: status, or migrate a local "
+                                     "database into etcd")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    q = store_sub.add_parser("status", help="backend, endpoints, revision, cache age, "
+                                            "records per host")
+    q.add_argument("--json", action="store_true")
+    q = store_sub.add_parser(
+        "migrate", help="copy this host's local database into etcd ([store] endpoints)",
+        description="Copy every record of db_file into the etcd registry named by [store] "
+                    "endpoints and prefix, as instances of [store] host. Refuses (and lists) "
+                    "any address, name or UUID already held there by another instance; "
+                    "records already there unchanged are skipped. Then set [store] backend "
+                    "= etcd and restart mdserver.")
+    q.add_argument("--to", choices=("etcd",), required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
@@ -118,7 +135,7 @@ def check_config(path: str) -> int:
 
 
 def userdata(cfg: configmod.Config, args) -> int:
-    inst = Store(cfg.mdserver.db_file, writable=False).find(args.instance)
+    inst = open_replica(cfg).find(args.instance)
     try:
         path, text = build_views(cfg).userdata(inst)
     except TemplateError as e:
@@ -143,8 +160,8 @@ def _records(cfg: configmod.Config) -> List[dict]:
     try:
         return _daemon(cfg, "GET", "/instances")
     except DaemonUnavailable as e:
-        print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
-        store = Store(cfg.mdserver.db_file, writable=False)
+        print(f"mdserverctl: {e}; reading {replica_path(cfg)}", file=sys.stderr)
+        store = open_replica(cfg)
         check = template_problem(build_views(cfg))
         return [describe(i, cfg.libvirt.route, check(i))
                 for i in sorted(store, key=lambda i: (i.name, i.uuid))]
@@ -175,8 +192,8 @@ def show(cfg, args) -> int:
     try:
         record = _daemon(cfg, "GET", _url(args.instance))
     except DaemonUnavailable as e:
-        print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
-        inst = Store(cfg.mdserver.db_file, writable=False).find(args.instance)
+        print(f"mdserverctl: {e}; reading {replica_path(cfg)}", file=sys.stderr)
+        inst = open_replica(cfg).find(args.instance)
         record = describe(inst, cfg.libvirt.route, template_problem(build_views(cfg))(inst))
     if args.json:
         print(json.dumps(record, indent=1))
@@ -205,7 +222,8 @@ def register(cfg, args) -> int:
 
 
 def remove(cfg, args) -> int:
-    _print([_write(cfg, "DELETE", _url(args.instance))], args.json)
+    url = _url(args.instance) + ("?any_host=1" if args.any_host else "")
+    _print([_write(cfg, "DELETE", url)], args.json)
     return 0
 
 
@@ -223,7 +241,7 @@ def libvirt_uuids(connect: Optional[str]) -> set:
 def prune(cfg, args) -> int:
     known = libvirt_uuids(args.connect)
     # the same guards as mdserver-enroll; --yes overrides the 10% one only
-    decision = pruning.decide(_records(cfg), known, force=args.yes)
+    decision = pruning.decide(_records(cfg), known, cfg.store.host, force=args.yes)
     gone = list(decision.gone)
     if args.yes:
         if decision.refused:
@@ -255,7 +273,7 @@ def _daemon_seed(cfg: configmod.Config) -> Callable[[Instance], bytes]:
 
 
 def seed(cfg: configmod.Config, args) -> int:
-    inst = Store(cfg.mdserver.db_file, writable=False).find(args.instance)
+    inst = open_replica(cfg).find(args.instance)
     route = inst.settings.route or cfg.libvirt.route
     fmt = args.format or (route if route in SEED_ROUTES else None)
     if fmt is None:
@@ -288,8 +306,8 @@ def password(cfg: configmod.Config, args) -> int:
     except DaemonUnavailable as e:
         if args.clear:
             raise MdserverError(f"{e}: changes need the running daemon") from None
-        print(f"mdserverctl: {e}; reading {cfg.mdserver.db_file}", file=sys.stderr)
-        blob = Store(cfg.mdserver.db_file, writable=False).find(args.instance).password_blob
+        print(f"mdserverctl: {e}; reading {replica_path(cfg)}", file=sys.stderr)
+        blob = open_replica(cfg).find(args.instance).password_blob
     if not blob:
         print(f"mdserverctl: {args.instance}: no password stored", file=sys.stderr)
         return 1
@@ -380,7 +398,57 @@ def _read_text(path: str) -> str:
         raise MdserverError(f"{path}: not UTF-8: {e}") from None
 
 
-COMMANDS = {"userdata": userdata, "list": list_, "show": show, "register": register,
+def store(cfg: configmod.Config, args) -> int:
+    if args.store_command == "status":
+        try:
+            status = _daemon(cfg, "GET", "/store")
+        except DaemonUnavailable as e:
+            print(f"mdserverctl: {e}; reading {replica_path(cfg)}", file=sys.stderr)
+            status = dict(open_replica(cfg).status(), backend=cfg.store.backend,
+                          daemon="not running")
+        if cfg.store.backend == "etcd":
+            status.setdefault("endpoints", list(cfg.store.endpoints))
+        if args.json:
+            print(json.dumps(status, indent=1))
+        else:
+            for key, value in status.items():
+                if isinstance(value, dict):
+                    value = ", ".join(f"{k or '-'}: {v}" for k, v in value.items()) or "none"
+                elif isinstance(value, list):
+                    value = ", ".join(map(str, value))
+                print(f"{key.ljust(10)}  {value}")
+        return 0
+    return migrate(cfg)
+
+
+def migrate(cfg: configmod.Config) -> int:
+    """`store migrate --to etcd`: the local database's records into etcd."""
+    import tempfile
+    from mdserver.etcdstore import EtcdStore
+    if not cfg.store.endpoints:
+        raise MdserverError("store migrate: set [store] endpoints (and prefix, host) first")
+    local = Store(cfg.mdserver.db_file, writable=False, host=cfg.store.host)
+    records = [i.updated(host=cfg.store.host) for i in local]
+    with tempfile.TemporaryDirectory(prefix="mdserverctl-") as tmp:
+        target = EtcdStore(cfg.store, Store(os.path.join(tmp, "cache.json"),
+                                            host=cfg.store.host))
+        try:
+            problems = target.conflicts(records)
+            if problems:
+                for line in problems:
+                    print(f"conflict: {line}", file=sys.stderr)
+                raise MdserverError(f"store migrate: {len(problems)} conflict(s) with the "
+                                    "etcd registry: nothing copied")
+            written = target.import_records(records)
+        finally:
+            target.close()
+    print(f"# {written} of {len(records)} record(s) of {cfg.mdserver.db_file} copied to etcd "
+          f"{cfg.store.prefix} as host {cfg.store.host} (the rest were there already); "
+          "now set [store] backend = etcd and restart mdserver", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"store": store, "userdata": userdata, "list": list_, "show": show, "register": register,
             "remove": remove, "prune": prune, "seed": seed, "password": password, "route": route}
 
 

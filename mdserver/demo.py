@@ -5,7 +5,7 @@ import os
 import time
 
 from mdserver.models import Instance
-from mdserver.store import Store
+from mdserver.storeapi import InstanceStore
 
 DEMO_PORT = 8169
 DEMO_UUID = "ec2de302-0000-4000-8000-000000000001"
@@ -37,13 +37,13 @@ demo = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyDemoKeyDemoKeyDemoKeyDemoKeyD
     return path
 
 
-def register_demo(store: Store) -> None:
+def register_demo(store: InstanceStore) -> None:
     """Register 127.0.0.1 as instance `demo`, so curl from this host sees its metadata."""
     if store.by_uuid(DEMO_UUID) is None:
         now = time.time()
-        store.put(Instance(uuid=DEMO_UUID, name="demo", mac="52:54:00:de:30:01",
-                           ipv4="127.0.0.1", hostname="demo", first_seen=now,
-                           last_seen=now))
+        store.commit(put=[Instance(uuid=DEMO_UUID, name="demo", mac="52:54:00:de:30:01",
+                                   ipv4="127.0.0.1", hostname="demo", first_seen=now,
+                                   last_seen=now, host=store.host)])
 
 
 def print_hints(host: str, port: int) -> None:

@@ -3,7 +3,7 @@
 import logging
 import os
 import signal
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from mdserver.config import Config, DnsmasqSection
 from mdserver.fsutil import atomic_write
@@ -113,10 +113,14 @@ class DnsmasqFiles:
 
     New files are picked up by dnsmasq's directory watches; a changed or
     removed entry needs SIGHUP (a watch adds, it never forgets).
+    With a shared registry (`host` set), DNS names cover every instance of
+    the fleet, DHCP entries only those of this host.
     """
 
-    def __init__(self, cfg: Config, kill: Callable[[int, int], None] = os.kill):
+    def __init__(self, cfg: Config, kill: Callable[[int, int], None] = os.kill,
+                 host: Optional[str] = None):
         self.cfg = cfg
+        self.host = host
         self.dn = cfg.dnsmasq
         self.base = self.dn.base_dir
         self.kill = kill
@@ -139,23 +143,32 @@ class DnsmasqFiles:
     def _exists(self, path: str) -> bool:
         return os.path.exists(path)
 
+    def local(self, inst: Instance) -> bool:
+        return self.host is None or inst.host == self.host
+
     def put(self, inst: Instance) -> bool:
         """Write `inst`'s entries; True if an existing entry changed (needs reload)."""
-        existed = self._exists(self.path(DHCP_DIR, inst.uuid))
-        changed = False
-        for d, render in ((DHCP_DIR, render_dhcp_host), (HOSTS_DIR, render_host)):
-            changed |= self._write_if_changed(self.path(d, inst.uuid), render(inst, self.dn))
+        dhcp = self.path(DHCP_DIR, inst.uuid)
+        existed = self._exists(dhcp)
+        changed = self._write_if_changed(self.path(HOSTS_DIR, inst.uuid),
+                                         render_host(inst, self.dn))
+        if not self.local(inst):
+            # Another host's (it migrated away): dnsmasq forgets the entry only
+            # on SIGHUP.
+            return self._unlink(dhcp) or (existed and changed)
+        changed |= self._write_if_changed(dhcp, render_dhcp_host(inst, self.dn))
         return existed and changed
 
+    def _unlink(self, path: str) -> bool:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
     def remove(self, uuid: str) -> bool:
-        removed = False
-        for d in INSTANCE_DIRS:
-            try:
-                os.unlink(self.path(d, uuid))
-                removed = True
-            except FileNotFoundError:
-                pass
-        return removed
+        removed = [self._unlink(self.path(d, uuid)) for d in INSTANCE_DIRS]
+        return any(removed)
 
     def sync(self, instances: Iterable[Instance]) -> bool:
         """Make the files match `instances` exactly (start-up); True if
@@ -166,13 +179,15 @@ class DnsmasqFiles:
         # without CAP_DAC_OVERRIDE, through its supplementary group mdserver.
         os.chmod(self.base, 0o770)
         changed = self._write_if_changed(self.path(CONF_NAME), render_conf(self.cfg))
-        wanted = set()
+        wanted: Dict[str, Set[str]] = {d: set() for d in INSTANCE_DIRS}
         for inst in instances:
-            wanted.add(inst.uuid)
+            wanted[HOSTS_DIR].add(inst.uuid)
+            if self.local(inst):
+                wanted[DHCP_DIR].add(inst.uuid)
             changed |= self.put(inst)
         for d in INSTANCE_DIRS:
             for name in os.listdir(self.path(d)):
-                if name not in wanted and not name.startswith("."):
+                if name not in wanted[d] and not name.startswith("."):
                     os.unlink(self.path(d, name))
                     changed = True
         return changed

@@ -9,7 +9,13 @@ socket only.
   enrolled, then records of domains libvirt no longer has are pruned (with
   the guards of mdserver.pruning).
 - DEFINED: the domain is enrolled. UNDEFINED: its instance is removed, unless
-  the domain just migrated away (STOPPED/MIGRATED seen shortly before).
+  the domain just migrated away or an incoming migration failed
+  (STOPPED/MIGRATED or STOPPED/FAILED seen shortly before); with a shared
+  registry, mdserver refuses to remove another host's instance anyway.
+- RESUMED/MIGRATED (running here after a migration, or again after a failed
+  outgoing one): registered, which makes the record this host's.
+- Registrations refused with 503 (a shared store away): every domain is
+  registered again once mdserver reports its store connected.
 - Enroll: policy [libvirt] enroll (none: register only; new: apply a route
   only to a domain mdserver has never registered; all: always). The route is
   the one the domain records or already shows (never switched), else
@@ -73,6 +79,7 @@ class Enroller:
         self.migrated: Dict[str, float] = {}
         self.reported: Set[Tuple[str, str]] = set()  # (uuid, problem) logged once
         self.admin_down = False  # mdserver did not answer: sync again once it does
+        self.store_down = False  # its shared store did not (503): the same
 
     # -- admin socket ----------------------------------------------------------
 
@@ -134,6 +141,10 @@ class Enroller:
         live = dom.XMLDesc(0) if dom.isActive() else None
         url = "/instance-upload?pending=1" if routes.pending(live, xml) else "/instance-upload"
         status, data = self._admin("POST", url, xml.encode())
+        if status == 503 and not self.store_down:
+            self.store_down = True
+            log.warning("%s: not registered: %s; every domain is registered again once "
+                        "mdserver's store answers", name, data)
         if status != 200:
             self._once(uuid, f"{name}: not registered: {data}")
             return False
@@ -180,7 +191,7 @@ class Enroller:
         if status != 200:
             log.warning("cannot list instances: %s", records)
             return
-        decision = pruning.decide(records, uuids)
+        decision = pruning.decide(records, uuids, self.cfg.store.host)
         if decision.refused:
             log.warning("prune: %s", decision.refused)
         for r in decision.remove:
@@ -211,6 +222,8 @@ class Enroller:
             except queue.Empty:
                 if self.admin_down and self.conn is not None:
                     self._guarded(self._admin, "GET", "/instances")  # answers: sync queued
+                elif self.store_down and self.conn is not None:
+                    self._guarded(self._store_back)
                 continue
             if item is None:
                 return
@@ -224,6 +237,14 @@ class Enroller:
                 self.migrated[arg] = time.monotonic()
             elif kind == "undefined":
                 self._guarded(self.remove, arg)
+
+    def _store_back(self) -> None:
+        status, data = self._admin("GET", "/store")
+        if status == 200 and isinstance(data, dict) and data.get("connected", True):
+            self.store_down = False
+            self.reported.clear()
+            log.info("mdserver's store answers again: registering every domain")
+            self.work.put(("sync", None))
 
     def _enroll_uuid(self, conn: Any, uuid: str) -> None:
         try:
@@ -240,9 +261,16 @@ class Enroller:
             self.work.put(("defined", uuid))
         elif event == lv.VIR_DOMAIN_EVENT_UNDEFINED:
             self.work.put(("undefined", uuid))
-        elif event == lv.VIR_DOMAIN_EVENT_STOPPED and \
-                detail == lv.VIR_DOMAIN_EVENT_STOPPED_MIGRATED:
+        elif event == lv.VIR_DOMAIN_EVENT_STOPPED and detail in (
+                lv.VIR_DOMAIN_EVENT_STOPPED_MIGRATED, lv.VIR_DOMAIN_EVENT_STOPPED_FAILED):
+            # Gone to another host, or an incoming migration that failed: the
+            # record is (again) the other host's, whose enroller keeps it.
             self.work.put(("migrated", uuid))
+        elif event == lv.VIR_DOMAIN_EVENT_RESUMED and \
+                detail == lv.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
+            # Running here after a migration (in, or a failed one out): its
+            # record is this host's; the registration says so.
+            self.work.put(("defined", uuid))
 
     def _closed(self, conn, reason, opaque) -> None:
         self.lost.set()

@@ -64,3 +64,11 @@ class DaemonUnavailable(MdserverError):
 
 class TemplateError(MdserverError):
     """A user-data template failed to render or rendered to invalid cloud-config."""
+
+
+class StoreConflict(MdserverError):
+    """Someone else changed a record (or claimed its address or name) first: nothing written."""
+
+
+class StoreUnavailable(MdserverError):
+    """The shared store (etcd) cannot be reached: nothing written."""

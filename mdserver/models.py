@@ -7,7 +7,9 @@ from typing import Any, Mapping, Optional, Tuple
 # Version of the on-disk record layout; bump it with a converter in store.py.
 # 2: settings gained meta, network and route; records gained password_blob
 #    and route_pending.
-SCHEMA_VERSION = 2
+# 3: records gained host (the hypervisor that owns them; a shared store
+#    holds several).
+SCHEMA_VERSION = 3
 
 # How a guest finds its data (<mds:route>, [libvirt] route).
 ROUTES = ("openstack", "ec2", "nocloud-net", "configdrive", "nocloud", "none")
@@ -61,6 +63,9 @@ class Instance:
     # The definition was given its route while the domain ran: the guest sees
     # it at its next cold boot (the hook's registration at that start clears it).
     route_pending: bool = False
+    # The hypervisor ([store] host) whose libvirt runs the domain: only it
+    # hands out the address by DHCP, writes the seed image, removes the record.
+    host: str = ""
 
     @property
     def instance_id(self) -> str:
@@ -88,6 +93,7 @@ class Instance:
             settings=InstanceSettings.from_dict(d.get("settings") or {}),
             password_blob=d.get("password_blob"),
             route_pending=bool(d.get("route_pending", False)),
+            host=str(d.get("host", "")),
         )
 
     def updated(self, **changes: Any) -> "Instance":

@@ -4,7 +4,8 @@ Used by `mdserverctl prune` and by mdserver-enroll when it (re)connects. Two
 guards: nothing is removed when libvirt lists no domain at all (a libvirtd
 still starting, or the wrong connection), and never more than MAX_FRACTION
 of this host's records at once unless forced (`mdserverctl prune --yes`).
-Only records of this host are ever considered: `this_host` is that rule.
+Only records of this host are ever considered (`this_host`): with a shared
+registry, another host's instance is that host's to remove.
 """
 
 from dataclasses import dataclass
@@ -13,11 +14,10 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple
 MAX_FRACTION = 0.10
 
 
-def this_host(record: Mapping) -> bool:
+def this_host(record: Mapping, host: Optional[str]) -> bool:
     """Whether `record` (an admin API instance record) belongs to this host's
-    libvirt. Today the registry is this host's alone, so every record does; a
-    registry shared by several hosts changes this one function."""
-    return True
+    libvirt. `host` None: the registry is this host's alone."""
+    return host is None or record.get("host", host) in (host, "")
 
 
 def limit(total: int) -> int:
@@ -33,11 +33,11 @@ class Decision:
 
 
 def decide(records: Sequence[Mapping], libvirt_uuids: Iterable[str],
-           force: bool = False) -> Decision:
+           host: Optional[str] = None, force: bool = False) -> Decision:
     """What to prune. `force` (an explicit `prune --yes`) overrides the
     fraction guard only, never the empty-libvirt one."""
     known = {u.lower() for u in libvirt_uuids}
-    ours = [r for r in records if this_host(r)]
+    ours = [r for r in records if this_host(r, host)]
     gone = tuple(r for r in ours if str(r["uuid"]).lower() not in known)
     if not gone:
         return Decision(gone, ())

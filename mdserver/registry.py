@@ -3,14 +3,15 @@
 import logging
 import threading
 import time
+import zlib
 from typing import Callable, List, Optional, Protocol, Sequence
 
 from mdserver import domainxml
 from mdserver.config import Config
-from mdserver.errors import BadRequest, Conflict
+from mdserver.errors import BadRequest, Conflict, StoreConflict, StoreUnavailable
 from mdserver.ipam import Pool
 from mdserver.models import Instance, default_hostname
-from mdserver.store import Store
+from mdserver.storeapi import Change, InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,24 @@ def no_check(inst: Instance) -> Optional[str]:
     return None
 
 
-class Registry:
-    """The only writer of the instance database (it runs in the main process)."""
+# A write another host's registration beat (an address or name claimed
+# first) is re-planned on the fresher state this many times.
+ATTEMPTS = 8
 
-    def __init__(self, cfg: Config, store: Store, sinks: Sequence[Sink],
+
+class Registry:
+    """This host's writer of the instance store (it runs in the main process).
+
+    The sinks follow the store's change feed, so they see this host's writes
+    and, with a shared store, every other host's."""
+
+    def __init__(self, cfg: Config, store: InstanceStore, sinks: Sequence[Sink],
                  clock: Callable[[], float] = time.time,
                  on_change: Callable[[], None] = lambda: None,
                  check: Callable[[Instance], Optional[str]] = no_check):
         self.cfg = cfg
         self.store = store
+        self.host = store.host
         self.sinks = list(sinks)
         self.clock = clock
         self.on_change = on_change  # tells the guest-facing worker to refresh
@@ -50,21 +60,37 @@ class Registry:
         dn = cfg.dnsmasq
         self.pool = Pool(dn.network, reserved=[dn.gateway, cfg.mdserver.listen_address])
         self.lease_len = dn.lease_len
-        self._cursor = self.pool.first
+        # Hosts sharing a store start their searches at different places, so
+        # concurrent registrations on several hosts rarely want one address.
+        shared = cfg.store.backend != "local"
+        self._cursor = self.pool.first + (zlib.crc32(self.host.encode()) % max(1, self.pool.size)
+                                          if shared else 0)
         self._lock = threading.Lock()
+        self._sink_lock = threading.Lock()
+        store.subscribe(self._changed)
 
     def sync(self) -> None:
-        """Start-up: make every sink match the database."""
+        """Start-up: make every sink match the store."""
         instances = list(self.store)
-        for sink in self.sinks:
-            if sink.sync(instances):
-                sink.reload()
+        with self._sink_lock:
+            for sink in self.sinks:
+                if sink.sync(instances):
+                    sink.reload()
 
-    def _put(self, record: Instance, stale: Sequence[str] = ()) -> None:
-        for sink in self.sinks:
-            reload = any([sink.remove(u) for u in stale])
-            if sink.put(record) or reload:
-                sink.reload()
+    def _changed(self, changes: Sequence[Change]) -> None:
+        """The store's change feed (this host's writes and, shared, any host's)."""
+        with self._sink_lock:
+            for sink in self.sinks:
+                try:
+                    reload = [sink.put(c.new) if c.new is not None else sink.remove(c.uuid)
+                              for c in changes]
+                    if any(reload):
+                        sink.reload()
+                except OSError as e:
+                    # The record is stored; the sink catches up at its next change
+                    # or at start-up.
+                    log.error("%s: %s", type(sink).__name__, e)
+        self.on_change()
 
     def _taken(self, uuid: str, now: float) -> Callable[[str], bool]:
         def taken(ip: str) -> bool:
@@ -84,34 +110,22 @@ class Registry:
         start) means the guest runs what was registered."""
         dn = self.cfg.dnsmasq
         info = domainxml.parse(xml, dn.net_name, dn.interface)
-        with self._lock:
-            now = self.clock()
-            # The same domain is found by UUID, else by MAC (a domain
-            # re-created with its old MAC keeps its address).
-            current = self.store.by_uuid(info.uuid) or self.store.by_mac(info.mac)
-            stale = {i.uuid: i for i in (self.store.by_mac(info.mac),
-                                         self.store.by_name(info.name))
-                     if i is not None and i.uuid != info.uuid}
-            if current is not None and self.pool.usable(current.ipv4):
-                ip = current.ipv4
-            else:
-                ip, self._cursor = self.pool.find_free(self._cursor, self._taken(info.uuid, now))
-            record = Instance(
-                uuid=info.uuid, name=info.name, mac=info.mac, ipv4=ip,
-                hostname=info.settings.hostname or default_hostname(info.name, info.uuid),
-                first_seen=current.first_seen if current is not None else now,
-                last_seen=now, arch=info.arch, settings=info.settings,
-                password_blob=current.password_blob if current is not None
-                and current.uuid == info.uuid else None,
-                route_pending=pending)
-            for old in stale.values():
-                log.warning("%s (%s) replaces %s (%s), which had the same %s", info.name,
-                            info.uuid, old.name, old.uuid,
-                            "MAC" if old.mac == info.mac else "name")
-            self.store.commit(put=[record], delete=list(stale), at=now)
-            self._put(record, list(stale))
-        self.on_change()
-        verb = "updated" if current is not None else "registered"
+        for attempt in range(ATTEMPTS):
+            try:
+                with self._lock:
+                    record, current = self._register(info, pending)
+                break
+            except StoreConflict as e:
+                # The store now shows the other writer's change: plan again.
+                if attempt == ATTEMPTS - 1:
+                    raise
+                log.info("%s (%s): %s; planning again", info.name, info.uuid, e)
+        if current is None:
+            verb = "registered"
+        elif current.host != record.host:
+            verb = f"moved from host {current.host} and updated"
+        else:
+            verb = "updated"
         log.info("%s %s (%s) %s %s", verb, record.name, record.uuid, record.mac, record.ipv4)
         problem = self.check(record)
         if problem:
@@ -119,22 +133,66 @@ class Registry:
                       record.uuid, problem)
         return record
 
-    def remove(self, key: str) -> Instance:
-        """Remove by name or UUID; its address stays out of use for a lease time."""
+    def _register(self, info: domainxml.DomainInfo, pending: bool):
+        """One attempt: (the record written, the one it replaces)."""
+        store = self.store
+        now = self.clock()
+        # The same domain is found by UUID, else by MAC (a domain re-created
+        # with its old MAC keeps its address).
+        current = store.by_uuid(info.uuid) or store.by_mac(info.mac)
+        stale = {i.uuid: i for i in (store.by_mac(info.mac), store.by_name(info.name))
+                 if i is not None and i.uuid != info.uuid}
+        for old in stale.values():
+            what = "MAC" if old.mac == info.mac else "name"
+            if old.host != self.host:
+                raise Conflict(f"{info.name} ({info.uuid}): its {what} is held by "
+                               f"{old.name} ({old.uuid}) on host {old.host}")
+            log.warning("%s (%s) replaces %s (%s), which had the same %s", info.name,
+                        info.uuid, old.name, old.uuid, what)
+        if current is not None and self.pool.usable(current.ipv4):
+            ip = current.ipv4
+        else:
+            ip, self._cursor = self.pool.find_free(self._cursor, self._taken(info.uuid, now))
+        same = current is not None and current.uuid == info.uuid
+        record = Instance(
+            uuid=info.uuid, name=info.name, mac=info.mac, ipv4=ip,
+            hostname=info.settings.hostname or default_hostname(info.name, info.uuid),
+            first_seen=current.first_seen if current is not None else now,
+            last_seen=now, arch=info.arch, settings=info.settings,
+            password_blob=current.password_blob if same and current is not None else None,
+            route_pending=pending, host=self.host)
+        expect = {u: store.version(u) for u in [info.uuid, *stale]}
+        try:
+            store.commit(put=[record], delete=list(stale), at=now, expect=expect)
+        except StoreUnavailable:
+            # Every VM start runs the hook: a known domain that changed in
+            # nothing but last_seen is still registered while a shared store
+            # is away.
+            if same and current is not None and record == current.updated(last_seen=now):
+                log.info("%s (%s): unchanged; last_seen not updated (%s)", info.name,
+                         info.uuid, "store unavailable")
+                return current, current
+            raise
+        return record, current
+
+    def remove(self, key: str, any_host: bool = False) -> Instance:
+        """Remove by name or UUID; its address stays out of use for a lease
+        time. Another host's instance only with `any_host` (its own host's
+        libvirt decides when it is gone)."""
         with self._lock:
             inst = self.store.by_name(key) or self.store.by_uuid(key) or self.store.find(key)
-            self.store.remove(inst.uuid, self.clock())
-            for sink in self.sinks:
-                sink.remove(inst.uuid)
-                sink.reload()
-        self.on_change()
+            if inst.host != self.host and not any_host:
+                raise Conflict(f"{inst.name} ({inst.uuid}) belongs to host {inst.host}: "
+                               "it is removed there (or with --any-host)")
+            self.store.commit(delete=[inst.uuid], at=self.clock(),
+                              expect={inst.uuid: self.store.version(inst.uuid)})
         log.info("removed %s (%s) %s", inst.name, inst.uuid, inst.ipv4)
         return inst
 
     def _replace(self, inst: Instance, **changes) -> Instance:
         record = inst.updated(**changes)
-        self.store.commit(put=[record], at=self.clock())
-        self.on_change()
+        self.store.commit(put=[record], at=self.clock(),
+                          expect={inst.uuid: self.store.version(inst.uuid)})
         return record
 
     def set_password_blob(self, key: str, blob: bytes) -> Instance:
@@ -184,6 +242,7 @@ def record_json(inst: Instance, default_route: str = "") -> dict:
             # what the guest's cloud-init sees: only the EC2 face serves i-...
             "instance_id": inst.instance_id if route == "ec2" else inst.uuid,
             "route": f"{route} (pending: next cold boot)" if inst.route_pending else route,
+            "host": inst.host,
             "network": s.network,
             "first_seen": inst.first_seen, "last_seen": inst.last_seen,
             "template": s.template, "ssh_keys": len(s.ssh_keys),

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from mdserver.faces import ec2, nocloud, openstack
 from mdserver.fsutil import atomic_write
@@ -81,11 +81,13 @@ def image_name(uuid: str) -> str:
 class SeedImages:
     """A registration sink: `<directory>/<uuid>.iso` for each instance on a
     seed route, rewritten only when its bytes change. Nothing to reload:
-    QEMU opens the image when the domain starts."""
+    QEMU opens the image when the domain starts. With a shared registry
+    (`host` set) only this host's instances have images here."""
 
-    def __init__(self, directory: str, views: ViewSource):
+    def __init__(self, directory: str, views: ViewSource, host: Optional[str] = None):
         self.dir = directory
         self.views = views
+        self.host = host
         # path -> (inode, mtime, size, sha256) of what this process wrote or
         # read last: how an image owned by QEMU's user (the domain runs) is
         # known to be unchanged without reading it.
@@ -144,11 +146,12 @@ class SeedImages:
     def put(self, inst: Instance) -> bool:
         """Write `inst`'s image if its route is a seed route and the bytes
         changed; remove a leftover image if the route is not (any more)."""
-        fmt = self.route(inst)
+        fmt = self.route(inst) if self.host in (None, inst.host) else "elsewhere"
         path = self.path(inst.uuid)
         if fmt not in FORMATS:
             if self._unlink(path):
-                log.info("%s (%s): route %s, seed image removed", inst.name, inst.uuid, fmt)
+                log.info("%s (%s): %s, seed image removed", inst.name, inst.uuid,
+                         f"route {fmt}" if fmt != "elsewhere" else f"now on host {inst.host}")
             return False
         self._ensure_dir()
         data = seed_image(self.views(inst), fmt)
@@ -168,7 +171,7 @@ class SeedImages:
         wanted = set()
         for inst in instances:
             self.put(inst)
-            if self.route(inst) in FORMATS:
+            if self.route(inst) in FORMATS and self.host in (None, inst.host):
                 wanted.add(image_name(inst.uuid))
         for name in sorted(os.listdir(self.dir)):
             if IMAGE_NAME.match(name) and name not in wanted:

@@ -11,7 +11,7 @@ from mdserver.errors import Forbidden, NotFound, Unauthorized, UnknownGuest
 from mdserver.faces import Reply
 from mdserver.faces.ec2 import LATEST
 from mdserver.models import Instance
-from mdserver.store import Store
+from mdserver.storeapi import InstanceStore
 from mdserver.tokens import TokenSigner, parse_ttl
 from mdserver.view import SEED_BYTES, InstanceView, Site, make_view
 
@@ -46,7 +46,7 @@ class Views:
 class MetadataService:
     """Answers guests. Everything it needs is passed in."""
 
-    def __init__(self, cfg: Config, store: Store, signer: TokenSigner, views: Views):
+    def __init__(self, cfg: Config, store: InstanceStore, signer: TokenSigner, views: Views):
         self.store = store
         self.signer = signer
         self.views = views

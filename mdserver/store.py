@@ -1,16 +1,17 @@
-"""The instance database: a JSON snapshot plus an fsynced JSON-lines journal, indexed in memory."""
+"""The local instance store: a JSON snapshot plus an fsynced JSON-lines journal, indexed in memory."""
 
 import fcntl
 import json
 import logging
 import os
 import threading
-from typing import BinaryIO, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from mdserver import legacy
-from mdserver.errors import NotFound, StoreCorrupt, StoreLocked
+from mdserver.errors import NotFound, StoreConflict, StoreCorrupt, StoreLocked
 from mdserver.fsutil import atomic_write, fsync_dir
 from mdserver.models import SCHEMA_VERSION, Instance
+from mdserver.storeapi import Change, Listener, per_host
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ MIN_COMPACT = 1000
 class _Index:
     """Instances by UUID, MAC, IPv4 and name, and the addresses freed lately."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str) -> None:
+        self.host = host
         self.by_uuid: Dict[str, Instance] = {}
         self.by_mac: Dict[str, Instance] = {}
         self.by_ip: Dict[str, Instance] = {}
@@ -31,6 +33,14 @@ class _Index:
         # ip -> (time freed, UUID that had it): allocation keeps these out of
         # use for a lease time.
         self.freed: Dict[str, Tuple[float, str]] = {}
+        # uuid -> revision of the transaction that last wrote it (its version)
+        self.versions: Dict[str, int] = {}
+        self.rev = 0
+
+    def record(self, d: Mapping[str, Any]) -> Instance:
+        # Records written before schema 3 name no host: they are this store's.
+        inst = Instance.from_dict(d)
+        return inst if inst.host else inst.updated(host=self.host)
 
     def _keys(self, inst: Instance):
         return ((self.by_mac, inst.mac), (self.by_ip, inst.ipv4), (self.by_name, inst.name))
@@ -42,6 +52,7 @@ class _Index:
         for index, key in self._keys(inst):
             index[key] = inst
         self.by_uuid[inst.uuid] = inst
+        self.versions[inst.uuid] = self.rev
         self.freed.pop(inst.ipv4, None)
 
     def delete(self, uuid: str, at: float) -> None:
@@ -51,6 +62,7 @@ class _Index:
 
     def _unindex(self, uuid: str) -> Optional[Instance]:
         old = self.by_uuid.pop(uuid, None)
+        self.versions.pop(uuid, None)
         if old is not None:
             for index, key in self._keys(old):
                 if index.get(key) is old:
@@ -60,10 +72,11 @@ class _Index:
     def apply(self, entry: dict) -> None:
         """One journal line: a transaction, removals first."""
         at = float(entry.get("at", 0.0))
+        self.rev = int(entry.get("rev", self.rev + 1))
         for uuid in entry.get("del", ()):
             self.delete(uuid, at)
         for record in entry.get("put", ()):
-            self.put(Instance.from_dict(record))
+            self.put(self.record(record))
 
 
 def _from_v1(snapshot: dict) -> dict:
@@ -73,20 +86,30 @@ def _from_v1(snapshot: dict) -> dict:
     return dict(snapshot, schema=2)
 
 
+def _from_v2(snapshot: dict, host: str) -> dict:
+    # Schema 3 names each record's host: a local store's records are all its
+    # own host's (its `host`, [store] host).
+    return dict(snapshot, schema=3,
+                instances=[dict(r, host=r.get("host") or host) for r in snapshot["instances"]])
+
+
 # schema -> converter to the next schema; a database written by an earlier
 # mdserver is upgraded in memory and written in the new form at the next
 # compaction.
-CONVERTERS = {1: _from_v1}
+CONVERTERS = {1: lambda snapshot, host: _from_v1(snapshot), 2: _from_v2}
 
 
-def upgrade(snapshot: dict, path: str) -> dict:
+def upgrade(snapshot: dict, path: str, host: str = "") -> dict:
     """`snapshot` in SCHEMA_VERSION's layout, or StoreCorrupt for an unknown schema."""
     while snapshot["schema"] != SCHEMA_VERSION:
         convert = CONVERTERS.get(snapshot["schema"])
         if convert is None:
             raise StoreCorrupt(f"{path}: schema {snapshot['schema']!r} is not one this "
                                f"mdserver reads (1..{SCHEMA_VERSION})")
-        snapshot = convert(snapshot)
+        try:
+            snapshot = convert(snapshot, host)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise StoreCorrupt(f"{path}: bad record: {e!r}") from None
     return snapshot
 
 
@@ -95,15 +118,20 @@ def _encode(entry: dict) -> bytes:
 
 
 class Store:
-    """All instances, keyed by UUID and indexed by MAC, IPv4 and name.
+    """The `local` InstanceStore: all instances, keyed by UUID and indexed by
+    MAC, IPv4 and name.
 
     One process writes (it holds an flock); others may open the same files
     read-only and follow the writer with refresh(). Writes are durable before
     they return; a transaction is one journal line, so it is all or nothing.
+    A record's version is the number of the transaction that last wrote it.
     """
 
-    def __init__(self, path: str, writable: bool = True, freed_retention: float = 86400.0):
+    def __init__(self, path: str, writable: bool = True, freed_retention: float = 86400.0,
+                 host: str = ""):
         self.path = path
+        self.host = host
+        self._listeners: List[Listener] = []
         self.journal_path = path + ".journal"
         self.writable = writable
         self.freed_retention = freed_retention
@@ -113,7 +141,7 @@ class Store:
         self._journal_ino: Optional[int] = None
         self._offset = 0
         self._entries = 0
-        self._idx = _Index()
+        self._idx = _Index(host)
         if writable:
             self._take_lock()
         self._reload()
@@ -145,10 +173,11 @@ class Store:
             snapshot = self._import_legacy(snapshot)
         if not isinstance(snapshot, dict) or "schema" not in snapshot:
             raise StoreCorrupt(f"{self.path}: not an mdserver database (no schema version)")
-        snapshot = upgrade(snapshot, self.path)
+        snapshot = upgrade(snapshot, self.path, self.host)
         try:
+            idx.rev = int(snapshot.get("rev", 1))
             for record in snapshot["instances"]:
-                idx.put(Instance.from_dict(record))
+                idx.put(idx.record(record))
             for ip, (at, uuid) in snapshot.get("freed", {}).items():
                 idx.freed[ip] = (float(at), uuid)
         except (KeyError, TypeError, ValueError) as e:
@@ -177,7 +206,7 @@ class Store:
         """Snapshot plus journal, from scratch. The journal is opened before
         the snapshot is read: a writer that compacts writes the snapshot
         before it replaces the journal, so this never misses an entry."""
-        idx = _Index()
+        idx = _Index(self.host)
         try:
             jf = open(self.journal_path, "rb")
         except FileNotFoundError:
@@ -255,6 +284,10 @@ class Store:
         """(when, by which UUID) `ip` was last freed, if it is still remembered."""
         return self._idx.freed.get(ip)
 
+    def version(self, uuid: str) -> int:
+        """The revision that last wrote this record; 0 if there is none."""
+        return self._idx.versions.get(uuid.lower(), 0)
+
     def __iter__(self) -> Iterator[Instance]:
         return iter(list(self._idx.by_uuid.values()))
 
@@ -282,13 +315,19 @@ class Store:
             return old
 
     def commit(self, put: Iterable[Instance] = (), delete: Iterable[str] = (),
-               at: float = 0.0) -> None:
-        """One transaction (removals, then puts) as one durable journal line."""
+               at: float = 0.0, expect: Optional[Mapping[str, int]] = None) -> None:
+        """One transaction (removals, then puts) as one durable journal line;
+        StoreConflict (nothing written) if a record's version is not `expect`'s."""
         put, delete = list(put), list(delete)
-        entry = {"at": at, "del": delete, "put": [i.to_dict() for i in put]}
         with self._lock:
             if self._journal is None:
                 raise StoreLocked(f"{self.path} is open read-only")
+            for uuid, version in (expect or {}).items():
+                if self.version(uuid) != version:
+                    raise StoreConflict(f"instance {uuid} changed meanwhile")
+            before = {u: self._idx.by_uuid.get(u) for u in delete + [i.uuid for i in put]}
+            entry = {"at": at, "del": delete, "put": [i.to_dict() for i in put],
+                     "rev": self._idx.rev + 1}
             created = self._journal.tell() == 0
             data = _encode(entry)
             self._journal.write(data)
@@ -296,6 +335,7 @@ class Store:
             os.fsync(self._journal.fileno())
             if created:
                 fsync_dir(os.path.dirname(os.path.abspath(self.journal_path)))
+            self._idx.rev += 1
             for uuid in delete:
                 self._idx.delete(uuid, at)
             for inst in put:
@@ -304,6 +344,20 @@ class Store:
             self._entries += 1
             if self._entries >= max(MIN_COMPACT, len(self)):
                 self._compact()
+            changes = [Change(old, self._idx.by_uuid.get(u)) for u, old in before.items()
+                       if old is not self._idx.by_uuid.get(u)]
+            # In the writer's lock: listeners see changes in commit order.
+            for listener in self._listeners:
+                listener(changes)
+
+    def subscribe(self, listener: Listener) -> None:
+        """The change feed: this store's writer is its only source of changes."""
+        self._listeners.append(listener)
+
+    def status(self) -> Dict[str, object]:
+        return {"backend": "local", "path": self.path, "host": self.host,
+                "revision": self._idx.rev, "cache_age": 0.0,
+                "records": per_host(self)}
 
     def _compact(self) -> None:
         """Fold the journal into a new snapshot, then start an empty journal.
@@ -313,7 +367,7 @@ class Store:
         newest = max((at for at, _ in idx.freed.values()), default=0.0)
         idx.freed = {ip: v for ip, v in idx.freed.items()
                      if v[0] >= newest - self.freed_retention}
-        snapshot = {"schema": SCHEMA_VERSION,
+        snapshot = {"schema": SCHEMA_VERSION, "rev": idx.rev,
                     "instances": [i.to_dict() for i in idx.by_uuid.values()],
                     "freed": {ip: list(v) for ip, v in idx.freed.items()}}
         atomic_write(self.path, json.dumps(snapshot, separators=(",", ":"),

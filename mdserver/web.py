@@ -9,7 +9,8 @@ from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from mdserver.errors import (BadRequest, Conflict, DaemonUnavailable, Forbidden,
                              MdserverError, NotFound, PayloadTooLarge, PoolExhausted,
-                             StoreLocked, TemplateError, Unauthorized)
+                             StoreConflict, StoreLocked, StoreUnavailable, TemplateError,
+                             Unauthorized)
 from mdserver.domainxml import MAX_XML_BYTES
 from mdserver.faces import Reply, ec2, nocloud, openstack
 from mdserver.registry import Registry, record_json
@@ -21,8 +22,8 @@ access = logging.getLogger("mdserver.access")
 TEXT = "text/plain"
 STATUS = (  # most specific first
     (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (PayloadTooLarge, 413),
-    (Conflict, 409), (BadRequest, 400),
-    (PoolExhausted, 503), (StoreLocked, 503), (DaemonUnavailable, 503), (TemplateError, 500),
+    (Conflict, 409), (StoreConflict, 409), (BadRequest, 400),
+    (PoolExhausted, 503), (StoreLocked, 503), (StoreUnavailable, 503), (DaemonUnavailable, 503), (TemplateError, 500),
 )
 TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"
 TTL_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS"
@@ -204,7 +205,13 @@ def admin_app(registry: Registry) -> Callable:
 
     @app.delete("/instances/<key>")
     def remove(key):
-        return reply(record_json(registry.remove(key)))
+        # ?any_host=1: also another host's instance (mdserverctl remove --any-host)
+        any_host = request.query.get("any_host") == "1"
+        return reply(record_json(registry.remove(key, any_host=any_host)))
+
+    @app.get("/store")
+    def store_status():
+        return reply(registry.store.status())
 
     @app.get("/instances/<key>/password")
     def password_get(key):

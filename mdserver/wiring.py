@@ -8,7 +8,8 @@ from mdserver import config as configmod
 from mdserver.errors import ConfigError, TemplateError
 from mdserver.models import Instance
 from mdserver.service import MetadataService, Views, fresh_seed
-from mdserver.store import Store
+from mdserver.storeapi import InstanceStore
+from mdserver.stores import open_replica
 from mdserver.tokens import TokenSigner, load_or_create_key
 from mdserver.userdata import Templates, check_cloud_config
 
@@ -22,18 +23,19 @@ def build_views(cfg: configmod.Config, seed: Callable[[Instance], bytes] = fresh
     return Views(cfg, templates, read_vendor_data(md.vendor_data), seed)
 
 
-def build_service(cfg: configmod.Config, store: Store,
+def build_service(cfg: configmod.Config, store: InstanceStore,
                   signer: Optional[TokenSigner] = None) -> MetadataService:
     signer = signer or TokenSigner(load_or_create_key(cfg.mdserver.token_key_file))
     return MetadataService(cfg, store, signer, build_views(cfg))
 
 
 def build_guest_app(cfg: configmod.Config) -> Tuple[Callable, Callable[[], object]]:
-    """In the server worker: a read-only replica of the database and the
-    guest-facing app; uploads go to the main process over the admin socket."""
+    """In the server worker: a read-only replica of the store (its local
+    file, or this host's etcd cache) and the guest-facing app; uploads go to
+    the main process over the admin socket."""
     from mdserver import web
     md = cfg.mdserver
-    replica = Store(md.db_file, writable=False)
+    replica = open_replica(cfg)
     app = web.metadata_app(
         build_service(cfg, replica), access_log=md.access_log,
         upload=partial(adminclient.request, md.admin_socket, "POST", "/instance-upload"),

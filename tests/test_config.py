@@ -163,6 +163,15 @@ def test_includes_later_values_win(tmp_path):
     ("[seeds]\nformat = iso\n", "[seeds] format", "unknown key"),
     ("[template-data]\nmeta = x\n", "[template-data] meta", "shadows"),
     ("[mdserver\nport = 1\n", "", "File contains no section headers"),
+    ("[store]\nbackend = consul\n", "[store] backend", "not one of local, etcd"),
+    ("[store]\nbackend = etcd\n", "[store] endpoints", "needs at least one endpoint"),
+    ("[store]\nendpoints = 10.0.0.1:2379\n", "[store] endpoints", "not an http:// or https://"),
+    ("[store]\nprefix = mdserver\n", "[store] prefix", "not a key prefix"),
+    ("[store]\nhost = hv_1\n", "[store] host", "not a host name"),
+    ("[store]\ncert_file = c.pem\n", "[store] key_file", "go together"),
+    ("[store]\nusername = md\n", "[store] password_file", "go together"),
+    ("[store]\nbackend = etcd\nendpoints = http://10.0.0.1:2379\nca_file = ca.pem\n",
+     "[store] endpoints", "use https://"),
 ])
 def test_bad_values_name_file_section_and_key(tmp_path, text, where, why):
     message = error_of(tmp_path, text)
@@ -236,3 +245,15 @@ def test_vendor_data_file_is_checked_at_start(tmp_path):
         with pytest.raises(ConfigError) as e:
             read_vendor_data(str(path))
         assert "[mdserver] vendor_data" in str(e.value) and why in str(e.value)
+
+
+def test_store_defaults_and_values(tmp_path):
+    import socket
+    st = load_text(tmp_path, "").store
+    assert (st.backend, st.endpoints, st.prefix) == ("local", (), "/mdserver/")
+    assert st.host == socket.gethostname().split(".")[0]
+    st = load_text(tmp_path, "[store]\nbackend = etcd\nhost = hv2\nprefix = /lab/md/\n"
+                             "endpoints = https://10.0.0.1:2379, https://10.0.0.2:2379/\n"
+                             "ca_file = ca.pem\n").store
+    assert st.endpoints == ("https://10.0.0.1:2379", "https://10.0.0.2:2379")
+    assert (st.host, st.prefix, st.ca_file) == ("hv2", "/lab/md/", f"{tmp_path}/ca.pem")

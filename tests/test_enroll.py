@@ -337,7 +337,8 @@ def test_config_error_is_one_line_and_exit_2(tmp_path):
 
 class FakeLibvirt:
     VIR_DOMAIN_EVENT_DEFINED, VIR_DOMAIN_EVENT_UNDEFINED, VIR_DOMAIN_EVENT_STOPPED = 0, 1, 5
-    VIR_DOMAIN_EVENT_STOPPED_MIGRATED = 3
+    VIR_DOMAIN_EVENT_STOPPED_MIGRATED, VIR_DOMAIN_EVENT_STOPPED_FAILED = 3, 5
+    VIR_DOMAIN_EVENT_RESUMED, VIR_DOMAIN_EVENT_RESUMED_MIGRATED = 4, 1
     VIR_DOMAIN_XML_INACTIVE = 2
 
     class libvirtError(Exception):
@@ -470,3 +471,29 @@ def test_a_running_domain_shows_its_route_pending_until_its_next_cold_boot(world
     w.lab.virsh("start", name)
     adminclient.call(w.admin, "POST", "/instance-upload", w.lab.domain_xml(name).encode())
     assert w.record(uuid)["route"] == "openstack"
+
+
+def test_a_failed_migration_keeps_the_record_and_a_resumed_guest_is_registered(tmp_path):
+    """Destination: the failed incoming domain goes away (STOPPED/FAILED, then
+    UNDEFINED): its record is the source's again, not removed. Source (or
+    destination after success): RESUMED/MIGRATED registers the domain, which
+    makes the record this host's."""
+    from mdserver import config, enroll
+    cfg = config.load(write_config(tmp_path))
+    e = enroll.Enroller(cfg, FakeLibvirt)
+    calls = []
+    e._admin = lambda method, url, body=None: calls.append((method, url)) or (200, {})
+    lv = FakeLibvirt
+    failed, resumed = uuid_mac(1)[0], uuid_mac(2)[0]
+    e._lifecycle(None, FakeDom(failed), lv.VIR_DOMAIN_EVENT_STOPPED,
+                 lv.VIR_DOMAIN_EVENT_STOPPED_FAILED, None)
+    e._lifecycle(None, FakeDom(failed), lv.VIR_DOMAIN_EVENT_UNDEFINED, 0, None)
+    e._lifecycle(None, FakeDom(resumed), lv.VIR_DOMAIN_EVENT_RESUMED,
+                 lv.VIR_DOMAIN_EVENT_RESUMED_MIGRATED, None)
+    e._lifecycle(None, FakeDom(resumed), lv.VIR_DOMAIN_EVENT_RESUMED, 0, None)  # unpaused
+    enrolled = []
+    e._enroll_uuid = lambda conn, uuid: enrolled.append(uuid)
+    e.conn = object()
+    e.work.put(None)
+    e.worker()
+    assert calls == [] and enrolled == [resumed]

@@ -58,13 +58,16 @@ def test_empty_libvirt_removes_nothing_even_forced():
         assert "no domain at all" in d.refused
 
 
-def test_only_this_hosts_records(monkeypatch):
-    r = recs(4)
-    monkeypatch.setattr(pruning, "this_host", lambda rec: rec["name"] != "vm0")
-    d = pruning.decide(r, uuids(r[2:]), force=True)
-    assert d.gone == (r[1],) == d.remove
+def test_only_this_hosts_records():
+    r = [dict(x, host="b" if x["name"] == "vm0" else "a") for x in recs(4)]
+    d = pruning.decide(r, uuids(r[2:]), "a", force=True)
+    assert d.gone == (r[1],) == d.remove  # vm0 is host b's: never this host's to prune
 
 
-def test_this_host_today_is_every_record():
-    assert all(pruning.this_host(x) for x in recs(3))
+def test_this_host():
+    r = recs(3)
+    assert all(pruning.this_host(x, None) for x in r)  # a registry of one host
+    assert pruning.this_host(dict(r[0], host="a"), "a")
+    assert not pruning.this_host(dict(r[0], host="b"), "a")
+    assert pruning.this_host(r[0], "a")  # a record that names no host is this host's
     assert pruning.limit(9) == 1 and pruning.limit(10) == 1 and pruning.limit(30) == 3

@@ -266,3 +266,52 @@ def test_database_written_by_schema_1_loads_unchanged(tmp_path):
     assert json.loads((tmp_path / "db_file.json").read_text())["schema"] == SCHEMA_VERSION
     again = Store(str(tmp_path / "db_file.json"), writable=False)
     assert again.by_name("web1") == web
+
+
+# -- the InstanceStore protocol (mdserver.storeapi) ----------------------------
+
+def test_versions_and_expected_versions(tmp_path):
+    from mdserver.errors import StoreConflict
+    s = Store(str(tmp_path / "db.json"), host="a")
+    one, two = make_instance(1), make_instance(2)
+    assert s.version(one.uuid) == 0
+    s.commit(put=[one], expect={one.uuid: 0})
+    v1 = s.version(one.uuid)
+    assert v1 > 0
+    with pytest.raises(StoreConflict):
+        s.commit(put=[one.updated(name="x"), two], expect={one.uuid: v1 + 1})
+    assert s.by_uuid(one.uuid) == one and s.by_uuid(two.uuid) is None  # nothing written
+    s.commit(put=[one.updated(name="x")], expect={one.uuid: v1})
+    assert s.version(one.uuid) > v1
+    v = s.version(one.uuid)
+    s.close()
+    again = Store(str(tmp_path / "db.json"), writable=False, host="a")
+    assert again.version(one.uuid) == v  # the journal keeps revisions
+
+
+def test_change_feed(tmp_path):
+    s = Store(str(tmp_path / "db.json"), host="a")
+    seen = []
+    s.subscribe(seen.append)
+    one = make_instance(1)
+    s.commit(put=[one])
+    s.commit(put=[one.updated(name="x")])
+    s.commit(delete=[one.uuid], at=5.0)
+    assert [[(c.old, c.new) for c in batch] for batch in seen] == [
+        [(None, one)], [(one, one.updated(name="x"))], [(one.updated(name="x"), None)]]
+    assert s.status()["records"] == {} and s.status()["backend"] == "local"
+
+
+def test_records_without_a_host_are_the_stores_own(tmp_path):
+    """Schema 2 named no host: a local store's records are its host's."""
+    record = make_instance(1).to_dict()
+    del record["host"]
+    (tmp_path / "db.json").write_text(json.dumps({"schema": 2, "instances": [record],
+                                                  "freed": {}}))
+    s = Store(str(tmp_path / "db.json"), host="hv1")
+    assert s.by_uuid(record["uuid"]).host == "hv1"
+    assert s.status()["records"] == {"hv1": 1}
+    s._compact()
+    s.close()
+    snapshot = json.loads((tmp_path / "db.json").read_text())
+    assert snapshot["schema"] == SCHEMA_VERSION and snapshot["instances"][0]["host"] == "hv1"
