@@ -53,8 +53,8 @@ def per_registration(n: int, new: int) -> float:
         cfg = config.load(write_conf(d))
         populate(d, n)
         store = Store(cfg.mdserver.db_file)
-        registry = Registry(cfg, store, DnsmasqFiles(cfg))
-        registry.sync_dnsmasq()
+        registry = Registry(cfg, store, [DnsmasqFiles(cfg)])
+        registry.sync()
         xmls = [domain_xml(f"new{i}", f"ec2f{i:04x}-aaaa-4bbb-8ccc-{i:012x}",
                            f"52:54:01:00:{i >> 8 & 0xff:02x}:{i & 0xff:02x}").encode()
                 for i in range(new)]
