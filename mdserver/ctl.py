@@ -177,9 +177,11 @@ def _print(records, as_json: bool) -> None:
     if as_json:
         print(json.dumps(records, indent=1))
         return
-    rows = [[_cell(r, c) for c in COLUMNS] for r in records]
-    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(COLUMNS)]
-    for row in [[c.upper() for c in COLUMNS]] + rows:
+    # A shared registry: which hypervisor owns each instance.
+    columns = COLUMNS + ("host",) if len({r.get("host") for r in records}) > 1 else COLUMNS
+    rows = [[_cell(r, c) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    for row in [[c.upper() for c in columns]] + rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 

@@ -4,7 +4,8 @@ import getpass
 import os
 import shutil
 import socket
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import pytest
 
@@ -143,3 +144,13 @@ class Notify:
 
     def next(self) -> str:
         return self.sock.recv(512).decode()
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:
+    """Seconds until `condition` holds; fails after `timeout`."""
+    t0 = time.monotonic()
+    while not condition():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - t0

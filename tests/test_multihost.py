@@ -23,7 +23,7 @@ import pytest
 
 from daemon import ROOT, Daemon
 from etcd_lab import EtcdLab
-from helpers import domain_xml, need, need_root, write_config
+from helpers import domain_xml, need, need_root, wait_for, write_config
 from mdserver import adminclient
 import netns
 from netns import Lab, exec_in
@@ -118,14 +118,6 @@ def fleet(tmp_path_factory):
         etcd.close()
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
-    return time.monotonic() - (deadline - timeout)
-
-
 def guest_get(host, index, mac, ip, path="/latest/meta-data/instance-id"):
     ns = host.lab.guest(index, mac, ip)
     try:
@@ -179,6 +171,13 @@ def test_concurrent_registrations_on_three_hosts(fleet):
         own = {r["uuid"] for r in records if r["host"] == h.name}
         assert set(os.listdir(h.tmp / "dnsmasq" / "dhcp-hosts")) == own
         assert len(os.listdir(h.tmp / "dnsmasq" / "hosts")) == 310
+    # the admin's view: a HOST column once instances belong to several hosts
+    listing = subprocess.run([sys.executable, "-m", "mdserver.ctl", "-c", hosts[0].config,
+                              "list"], capture_output=True, text=True, cwd=ROOT).stdout
+    lines = listing.splitlines()
+    assert lines[0].split()[-1] == "HOST" and len(lines) == 311
+    assert sum(line.split()[-1] == "hv-b" for line in lines[1:]) == \
+        sum(r["host"] == "hv-b" for r in records)
 
 
 def test_names_resolve_on_every_host_and_guests_are_served_by_their_host(fleet):
