@@ -78,6 +78,16 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, requests.exceptions.ReadTimeout):
         return "no answer in time"
     text = str(e)
+    verify = re.search(r"certificate verify failed: (.+?) \(_ssl", text)
+    if verify:
+        return f"server certificate not trusted ({verify.group(1)})"
+    if isinstance(e, requests.exceptions.SSLError) and any(s in text for s in (
+            "EOF occurred in violation of protocol", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+            "BAD_CERTIFICATE")):
+        # The member ended the handshake (etcd 3.4 hangs up, newer TLS stacks
+        # send an alert): what --client-cert-auth does to a client without a
+        # certificate signed by its CA. requests would only say "SSLError".
+        return "TLS handshake refused: client certificate missing or not trusted"
     for needle, short in (("CERTIFICATE_VERIFY_FAILED", "certificate verify failed"),
                           ("Remote end closed", "connection closed"),
                           ("IncompleteRead", "connection closed"),

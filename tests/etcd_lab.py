@@ -35,6 +35,20 @@ int64 fields as strings) from the pytest process, which needs
 the lab's namespace, so it works without any attachment. `etcdctl()` runs
 etcdctl (package etcd-client) in a namespace, with proxies cleared.
 
+TLS (`EtcdLab(tls=True)`): `openssl` makes a CA, a server certificate (SAN
+IP:10.251.<b>.1, serverAuth and clientAuth: etcd's own gateway dials its
+gRPC port with it) and a client certificate (O=mdserver, no CN: see
+make_certs), P-256 keys valid one day, in `lab.tls_dir`. Members then speak
+https to clients and to each other and require a client certificate signed
+by the CA (`--client-cert-auth`); `endpoints` are https URLs and `ca_file`,
+`client_cert`, `client_key` name what a client needs. Every helper above
+uses them. `sign_cert(lab.tls_dir, ...)` issues more client certificates.
+
+Authentication (`enable_auth(user, password, prefix)`): creates `root` (etcd
+refuses `auth enable` without it) with a password only the lab knows, and
+`user` with a role that may read and write keys under `prefix`, then turns
+auth on; the helpers then authenticate as root.
+
 The temp dir (`lab.tmpdir`) is kept when MDT_KEEP_LAB=1 or keep_tmp=True.
 """
 
@@ -46,6 +60,7 @@ import platform
 import random
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -64,12 +79,18 @@ MAX_ATTACH = 200             # attached addresses .11 ... .210
 Bytes = Union[str, bytes]
 
 # Waits for /health of every endpoint in argv[1] (JSON list) for argv[2]
-# seconds; runs in the lab's namespace. Exit 0 when all are healthy, else 1
-# with the last error per endpoint (JSON) on stdout.
+# seconds; runs in the lab's namespace. argv[3]: JSON [ca, cert, key] for a
+# TLS lab, else null. Exit 0 when all are healthy, else 1 with the last
+# error per endpoint (JSON) on stdout.
 _HEALTH_POLLER = r"""
-import json, sys, time, urllib.error, urllib.request
-eps, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+import json, ssl, sys, time, urllib.error, urllib.request
+eps, timeout, tls = json.loads(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
+handlers = [urllib.request.ProxyHandler({})]
+if tls:
+    ctx = ssl.create_default_context(cafile=tls[0])
+    ctx.load_cert_chain(tls[1], tls[2])
+    handlers.append(urllib.request.HTTPSHandler(context=ctx))
+opener = urllib.request.build_opener(*handlers)
 deadline = time.monotonic() + timeout
 pending, last = list(eps), {}
 while True:
@@ -110,6 +131,87 @@ class EtcdHTTPError(EtcdLabError):
         super().__init__(f"etcd gateway: HTTP {status}: {body.get('message') or body}")
         self.status = status
         self.body = body
+
+
+def _http_error(e: urllib.error.HTTPError) -> EtcdHTTPError:
+    raw = e.read()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = {"message": raw.decode(errors="replace")}
+    return EtcdHTTPError(e.code, answer)
+
+
+def _token_refused(e: EtcdHTTPError) -> bool:
+    """A root token the member no longer knows (restarted, expired): log in again."""
+    return e.status == 401 or "invalid auth token" in str(e.body.get("message", ""))
+
+
+# The extensions of the lab's certificates (openssl -extensions <section>).
+# Go checks only the subjectAltName against the address it dials, never the CN.
+_OPENSSL_CNF = """
+[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:{address}
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+"""
+
+
+_NEWKEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+
+
+def make_certs(directory: str, address: str, client_subject: str = "/O=mdserver",
+               label: str = "mdt etcd lab") -> Dict[str, str]:
+    """A CA and, signed by it, a server certificate for `address` and a
+    client certificate (P-256 keys, valid one day), in `directory`; their
+    paths: ca, ca_key, server_cert, server_key, client_cert, client_key.
+
+    Neither leaf has a CN by default. The client's: etcd 3.4 refuses every
+    JSON gateway request over a client certificate with a CN once auth is
+    on ("CommonName of client sending a request against gateway will be
+    ignored"), even a login. The server's: the gateway presents it to etcd's
+    gRPC port, where a CN would be taken as the user of token-less requests.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    cnf = os.path.join(directory, "openssl.cnf")
+    with open(cnf, "w") as f:
+        f.write(_OPENSSL_CNF.format(address=address))
+    paths = {"ca": os.path.join(directory, "ca.crt"),
+             "ca_key": os.path.join(directory, "ca.key")}
+    _run(["openssl", "req", "-x509", "-config", cnf, "-extensions", "ca", *_NEWKEY,
+          "-keyout", paths["ca_key"], "-out", paths["ca"], "-days", "1",
+          "-subj", f"/CN={label} CA"])
+    paths["server_cert"], paths["server_key"] = sign_cert(
+        directory, "server", f"/O={label} server", "server")
+    paths["client_cert"], paths["client_key"] = sign_cert(
+        directory, "client", client_subject, "client")
+    return paths
+
+
+def sign_cert(directory: str, name: str, subject: str, kind: str = "client") -> Tuple[str, str]:
+    """A new key and certificate (`kind`: "client" or "server") for `subject`,
+    signed by the CA make_certs() put in `directory`: (cert, key) paths."""
+    cnf, cert, key, csr = (os.path.join(directory, n) for n in (
+        "openssl.cnf", f"{name}.crt", f"{name}.key", f"{name}.csr"))
+    _run(["openssl", "req", "-new", "-config", cnf, *_NEWKEY, "-keyout", key, "-out", csr,
+          "-subj", subject])
+    _run(["openssl", "x509", "-req", "-in", csr, "-CA", os.path.join(directory, "ca.crt"),
+          "-CAkey", os.path.join(directory, "ca.key"),
+          "-set_serial", str(int.from_bytes(os.urandom(8), "big") >> 1),
+          "-days", "1", "-extfile", cnf, "-extensions", kind, "-out", cert])
+    return cert, key
 
 
 def _clean_env() -> Dict[str, str]:
@@ -153,7 +255,7 @@ class EtcdLab:
     """
 
     def __init__(self, members: int = 1, keep_tmp: Optional[bool] = None,
-                 start_timeout: float = 30.0):
+                 start_timeout: float = 30.0, tls: bool = False):
         if members not in (1, 3):
             raise ValueError("members must be 1 or 3")
         self.size = members
@@ -162,6 +264,14 @@ class EtcdLab:
         self.bridge = f"{PREFIX}ebr{self.tag}"
         self.keep_tmp = (os.environ.get("MDT_KEEP_LAB") == "1") if keep_tmp is None else keep_tmp
         self.start_timeout = start_timeout
+        self.tls = tls
+        self.ca_file = ""         # TLS: the CA, the client certificate and its key
+        self.client_cert = ""
+        self.client_key = ""
+        self.tls_dir = ""         # TLS: the CA's directory, for sign_cert()
+        self._certs: Dict[str, str] = {}
+        self._root_password: Optional[str] = None     # set by enable_auth()
+        self._token: Optional[str] = None             # root's, while auth is on
         self.cluster_token = f"{PREFIX}-{self.tag}-{os.urandom(4).hex()}"
         self.tmpdir = ""
         self.subnet = ""          # '10.251.<b>.0/24'
@@ -198,11 +308,15 @@ class EtcdLab:
     def member_name(self, i: int) -> str:
         return f"{PREFIX}-etcd{i}-{self.tag}"
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
     def client_url(self, i: int) -> str:
-        return f"http://{self.address}:{CLIENT_PORT + i}"
+        return f"{self.scheme}://{self.address}:{CLIENT_PORT + i}"
 
     def peer_url(self, i: int) -> str:
-        return f"http://{self.address}:{PEER_PORT + i}"
+        return f"{self.scheme}://{self.address}:{PEER_PORT + i}"
 
     @property
     def endpoints(self) -> List[str]:
@@ -278,6 +392,16 @@ class EtcdLab:
             "type", "bridge", netns=self.netns)
         _ip("addr", "add", f"{self.address}/24", "dev", self.bridge, netns=self.netns)
         _ip("link", "set", self.bridge, "up", netns=self.netns)
+        if self.tls:
+            self.tls_dir = os.path.join(self.tmpdir, "tls")
+            self._certs = make_certs(self.tls_dir, self.address)
+            self.ca_file = self._certs["ca"]
+            self.client_cert, self.client_key = (self._certs["client_cert"],
+                                                 self._certs["client_key"])
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            ctx.load_cert_chain(self.client_cert, self.client_key)
+            self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                       urllib.request.HTTPSHandler(context=ctx))
         for i in range(self.size):
             self._spawn(i)
         self.wait_ready(self.start_timeout)
@@ -298,7 +422,18 @@ class EtcdLab:
             "--heartbeat-interval", "100",
             "--election-timeout", "1000",
             "--logger", "zap", "--log-outputs", "stderr",
-        ]
+        ] + self._tls_args()
+
+    def _tls_args(self) -> List[str]:
+        if not self.tls:
+            return []
+        # One certificate for both sides of client and peer traffic: its SAN
+        # is the one address every member listens on.
+        crt, key, ca = self._certs["server_cert"], self._certs["server_key"], self._certs["ca"]
+        return ["--cert-file", crt, "--key-file", key, "--client-cert-auth",
+                "--trusted-ca-file", ca,
+                "--peer-cert-file", crt, "--peer-key-file", key, "--peer-client-cert-auth",
+                "--peer-trusted-ca-file", ca]
 
     def _spawn(self, i: int) -> None:
         p = self.procs[i]
@@ -325,7 +460,8 @@ class EtcdLab:
             return 0.0
         eps = [self.client_url(i) for i in members]
         poller = subprocess.Popen(["ip", "netns", "exec", self.netns, sys.executable, "-c",
-                                   _HEALTH_POLLER, json.dumps(eps), str(timeout)],
+                                   _HEALTH_POLLER, json.dumps(eps), str(timeout),
+                                   json.dumps(self._client_tls())],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env=self._env, start_new_session=True)
         try:
@@ -346,6 +482,9 @@ class EtcdLab:
         if poller.returncode != 0:
             raise self._fail(f"etcd not healthy after {timeout:.0f} s: {out.strip()}")
         return time.monotonic() - t0
+
+    def _client_tls(self) -> Optional[List[str]]:
+        return [self.ca_file, self.client_cert, self.client_key] if self.tls else None
 
     def stop_member(self, i: int, timeout: float = 10.0) -> None:
         """SIGTERM (a clean stop; a leader hands over first), SIGKILL after `timeout`."""
@@ -421,27 +560,19 @@ class EtcdLab:
     def call(self, path: str, body: Dict[str, Any], endpoint: Optional[str] = None,
              timeout: float = 5.0) -> Dict[str, Any]:
         """POST `body` to `/v3/<path>` (e.g. 'kv/put') of `endpoint`, or of
-        the first running member that answers; returns etcd's JSON."""
+        the first running member that answers; returns etcd's JSON. As root
+        once enable_auth() ran."""
         if None not in self.attached:
             raise EtcdLabError("call attach(None) first: this process is not on the etcd bridge")
         eps = [endpoint] if endpoint else [self.client_url(i) for i in self.running()]
         if not eps:
             raise EtcdLabError("no etcd member is running")
-        data = json.dumps(body).encode()
         errors = []
         for ep in eps:
-            req = urllib.request.Request(f"{ep}/v3/{path}", data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
             try:
-                with self._opener.open(req, timeout=timeout) as r:
-                    return json.loads(r.read() or b"{}")
+                return self._call_as_root(ep, path, body, timeout)
             except urllib.error.HTTPError as e:
-                raw = e.read()
-                try:
-                    answer = json.loads(raw)
-                except ValueError:
-                    answer = {"message": raw.decode(errors="replace")}
-                raise EtcdHTTPError(e.code, answer) from None
+                raise _http_error(e) from None
             except urllib.error.URLError as e:
                 # not connected (refused, unreachable, connect timeout): the
                 # request never reached this member, so the next may have it
@@ -451,6 +582,34 @@ class EtcdLab:
                 # the leader died): it may have been applied, so no retry
                 raise EtcdLabError(f"{ep}/v3/{path}: {e!r}") from None
         raise EtcdLabError("no etcd member answered: " + "; ".join(errors))
+
+    def _post(self, ep: str, path: str, body: Dict[str, Any], timeout: float,
+              token: Optional[str] = None) -> Dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = token
+        req = urllib.request.Request(f"{ep}/v3/{path}", data=json.dumps(body).encode(),
+                                     method="POST", headers=headers)
+        with self._opener.open(req, timeout=timeout) as r:
+            return json.loads(r.read() or b"{}")
+
+    def _call_as_root(self, ep: str, path: str, body: Dict[str, Any],
+                      timeout: float) -> Dict[str, Any]:
+        if self._root_password is None:
+            return self._post(ep, path, body, timeout)
+        for attempt in (1, 2):
+            if self._token is None:
+                answer = self._post(ep, "auth/authenticate",
+                                    {"name": "root", "password": self._root_password}, timeout)
+                self._token = str(answer["token"])
+            try:
+                return self._post(ep, path, body, timeout, self._token)
+            except urllib.error.HTTPError as e:
+                error = _http_error(e)
+                if attempt == 2 or not _token_refused(error):
+                    raise error from None
+                self._token = None
+        raise AssertionError("unreachable")
 
     def put(self, key: Bytes, value: Bytes, **kw) -> int:
         """Returns the revision of the write."""
@@ -477,6 +636,35 @@ class EtcdLab:
         """Compact history before `revision` (physical: wait until done)."""
         self.call("kv/compaction", {"revision": str(revision), "physical": physical}, **kw)
 
+    def enable_auth(self, user: str, password: str, prefix: Bytes = b"") -> None:
+        """Turn etcd authentication on, with `user` (password `password`)
+        allowed to read and write the keys under `prefix` (b"": every key)
+        and nothing else; `root` gets a password only the lab knows (unless
+        `user` is root), and the helpers log in as root from here on. Needs
+        attach(None)."""
+        if self._root_password is not None:
+            raise EtcdLabError("auth is enabled already")
+        root_password = password if user == "root" else os.urandom(12).hex()
+        calls: List[Tuple[str, Dict[str, Any]]] = [
+            ("auth/user/add", {"name": "root", "password": root_password}),
+            ("auth/role/add", {"name": "root"}),
+            ("auth/user/grant", {"user": "root", "role": "root"})]
+        if user != "root":
+            role = f"{user}-rw"
+            key = prefix.encode() if isinstance(prefix, str) else prefix
+            # etcd's ranges: [key, range_end); "\0" to "\0" is the whole key space
+            start, end = (key, key[:-1] + bytes([key[-1] + 1])) if key else (b"\0", b"\0")
+            calls += [("auth/user/add", {"name": user, "password": password}),
+                      ("auth/role/add", {"name": role}),
+                      ("auth/role/grant", {"name": role, "perm": {
+                          "permType": "READWRITE", "key": _b64(start),
+                          "range_end": _b64(end)}}),
+                      ("auth/user/grant", {"user": user, "role": role})]
+        for path, body in calls:
+            self.call(path, body)
+        self.call("auth/enable", {})
+        self._root_password, self._token = root_password, None
+
     # -- etcdctl -----------------------------------------------------------
 
     def etcdctl(self, *args: str, in_netns: Optional[str] = None, endpoints: Optional[
@@ -485,7 +673,14 @@ class EtcdLab:
         """etcdctl (v3 API) with --endpoints (default: all members), run in
         `in_netns` (default: the lab's own namespace, always reachable)."""
         argv = ["ip", "netns", "exec", in_netns or self.netns, "etcdctl",
-                "--endpoints", ",".join(endpoints or self.endpoints), *args]
+                "--endpoints", ",".join(endpoints or self.endpoints)]
+        if self.tls:
+            argv += ["--cacert", self.ca_file, "--cert", self.client_cert,
+                     "--key", self.client_key]
+        if self._root_password is not None:
+            # on the command line: a test lab's root, in a namespace of its own
+            argv += [f"--user=root:{self._root_password}"]
+        argv += list(args)
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self._env)
         if check and r.returncode != 0:
             raise EtcdLabError(f"etcdctl {' '.join(args)}: exit {r.returncode}: "

@@ -4,18 +4,19 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Iterator, List
 
 import pytest
 
-from etcd_lab import EtcdLab
-from helpers import make_instance, need, need_root
+from etcd_lab import EtcdLab, make_certs, sign_cert
+from helpers import make_instance, need, need_root, wait_for
 from mdserver.config import StoreSection
 from mdserver.errors import StoreConflict, StoreLocked, StoreUnavailable
 from mdserver.etcdstore import EtcdStore
@@ -28,28 +29,19 @@ LEASE_TTL = 3  # keep-alive every second: outages show within ~2 s
 LOG = "mdserver.etcdstore"
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:
-    """Seconds until `condition` holds; fails after `timeout`."""
-    t0 = time.monotonic()
-    while not condition():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
-    return time.monotonic() - t0
-
-
 class Stores:
     """EtcdStores of one test: a key prefix of their own, caches under tmp_path, closed at the end."""
 
-    def __init__(self, lab: EtcdLab, tmp_path):
+    def __init__(self, lab: EtcdLab, tmp_path, prefix: str = "", **settings):
         self.lab, self.tmp = lab, tmp_path
-        self.prefix = f"/t{os.urandom(3).hex()}/"
+        self.prefix = prefix or f"/t{os.urandom(3).hex()}/"
+        self.settings = settings     # [store] keys of every store (TLS files, credentials)
         self.made: List[EtcdStore] = []
 
     def open(self, host: str, start: bool = True, cache_dir=None, **settings) -> EtcdStore:
         cache_dir = cache_dir or self.tmp / f"{host}-{len(self.made)}"
         st = StoreSection(backend="etcd", endpoints=tuple(self.lab.endpoints),
-                          prefix=self.prefix, host=host, **settings)
+                          prefix=self.prefix, host=host, **{**self.settings, **settings})
         store = EtcdStore(st, Store(str(cache_dir / "cache.json"), host=host),
                           lease_ttl=LEASE_TTL)
         self.made.append(store)
@@ -427,3 +419,257 @@ def test_import_records_and_conflicts(stores, lab):
     assert lab.get(stores.key("names", mine[89].name)) == mine[89].uuid.encode()
     wait_for(lambda: len(b) == 91, 5, "b sees the imported records")
     assert b.by_uuid(mine[89].uuid) == mine[89] and b.status()["records"] == {"a": 90, "b": 1}
+
+
+# -- TLS and etcd's own users ---------------------------------------------------
+
+
+def need_etcd_tls() -> None:
+    need_root()
+    need(shutil.which("etcd") is not None, "needs etcd (apt-get install etcd-server)")
+    need(shutil.which("openssl") is not None, "needs openssl (apt-get install openssl)")
+
+
+@pytest.fixture(scope="module")
+def tls_lab() -> Iterator[EtcdLab]:
+    """Three members: https for clients and peers, client certificates required."""
+    need_etcd_tls()
+    with EtcdLab(members=3, tls=True) as lab:
+        lab.attach(None)
+        yield lab
+
+
+def tls_files(lab: EtcdLab) -> dict:
+    return {"ca_file": lab.ca_file, "cert_file": lab.client_cert, "key_file": lab.client_key}
+
+
+def on_the_watch(stores: List[EtcdStore], caplog) -> None:
+    """The changes came through each store's watch stream (open now), not
+    through the full reload a store does after losing etcd (INFO logged)."""
+    assert all(s._stream_member is not None for s in stores)
+    assert [r.getMessage() for r in caplog.records
+            if r.name == LOG and ("connection lost" in r.getMessage()
+                                  or "etcd back after" in r.getMessage())] == []
+
+
+def one_line_refusal(lab: EtcdLab, cause: str) -> str:
+    """The pattern of a commit's StoreUnavailable when no member lets us in."""
+    return (rf"^etcd unreachable \(https://{re.escape(lab.address)}:\d+: {cause}\): "
+            r"nothing written$")
+
+
+def test_tls_commits_and_the_watch_with_a_member_stopped(tls_lab, tmp_path, caplog):
+    caplog.set_level(logging.INFO, LOG)
+    stores = Stores(tls_lab, tmp_path, **tls_files(tls_lab))
+    try:
+        a, b = stores.open("a"), stores.open("b")
+        rec = make_instance(1, host="a")
+        a.commit(put=[rec])
+        took = wait_for(lambda: b.by_uuid(rec.uuid) == rec, 5, "b sees a's record over TLS")
+        print(f"watch propagation over TLS: {took:.3f} s")
+        on_the_watch([a, b], caplog)
+        # the member both watches are on (the first) goes: the others serve both
+        assert {s._stream_member.url for s in (a, b)} == {tls_lab.endpoints[0]}
+        tls_lab.stop_member(0)
+        changed = rec.updated(last_seen=2.0)
+        b.commit(put=[changed], at=2.0, expect={rec.uuid: b.version(rec.uuid)})
+        took = wait_for(lambda: a.by_uuid(rec.uuid) == changed, 5, "a follows after the stop")
+        print(f"watch propagation over TLS after a member stopped: {took:.3f} s")
+        on_the_watch([a, b], caplog)
+        assert a.status()["connected"] and b.status()["connected"]
+        # the lab's own helpers speak TLS too: its JSON calls and etcdctl
+        assert json.loads(tls_lab.get(stores.key("instances", rec.uuid))) == changed.to_dict()
+        out = tls_lab.etcdctl("get", "--print-value-only", stores.key("names", "vm1")).stdout
+        assert out.strip() == rec.uuid
+        t0 = time.monotonic()
+        for store in (a, b):
+            store.close()
+        closing = time.monotonic() - t0
+        print(f"two stores closed over TLS in {closing:.3f} s")
+        assert closing < 2  # the kick ends a watch on a TLS socket too (else a 10 s join)
+        assert tls_lab.get(stores.key("hosts", "a")) is None   # the lease was revoked
+    finally:
+        stores.close()
+        if 0 not in tls_lab.running():   # the next tests want all three
+            tls_lab.start_member(0)
+
+
+@pytest.fixture(scope="module")
+def other_ca(tls_lab, tmp_path_factory) -> dict:
+    """A second CA with a server and a client certificate of its own, for the same address."""
+    return make_certs(str(tmp_path_factory.mktemp("other-ca")), tls_lab.address,
+                      label="another CA")
+
+
+@pytest.mark.parametrize("case", ["no client certificate", "client certificate of another CA",
+                                  "server checked against another CA"])
+def test_tls_refused_without_the_right_certificates(tls_lab, other_ca, tmp_path, caplog, case):
+    caplog.set_level(logging.WARNING, LOG)
+    files, cause = {
+        "no client certificate": (
+            {"ca_file": tls_lab.ca_file},
+            "TLS handshake refused: client certificate missing or not trusted"),
+        "client certificate of another CA": (
+            {"ca_file": tls_lab.ca_file, "cert_file": other_ca["client_cert"],
+             "key_file": other_ca["client_key"]},
+            "TLS handshake refused: client certificate missing or not trusted"),
+        "server checked against another CA": (
+            {**tls_files(tls_lab), "ca_file": other_ca["ca"]},
+            r"server certificate not trusted \(unable to get local issuer certificate\)"),
+    }[case]
+    stores = Stores(tls_lab, tmp_path, **files)
+    try:
+        # Not a refusal of these credentials as a wrong password is: etcd
+        # counts as unreachable, the cache answers, the log says why.
+        t0 = time.monotonic()
+        a = stores.open("a")
+        assert time.monotonic() - t0 < 1.5
+        assert not a.status()["connected"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and re.search(cause, warnings[0]), warnings
+        rec = make_instance(1, host="a")
+        with pytest.raises(StoreUnavailable, match=one_line_refusal(tls_lab, cause)):
+            a.commit(put=[rec])
+        assert a.by_uuid(rec.uuid) is None
+        assert tls_lab.get(stores.key("instances", rec.uuid)) is None
+        assert tls_lab.get(stores.key("hosts", "a")) is None
+    finally:
+        stores.close()
+
+
+AUTH_USER = "mdserver"
+AUTH_PREFIX = "/mdt-auth/"
+# Distinctive, so that a leak into a message or a log line cannot go unnoticed.
+AUTH_PASSWORD = "pw-" + os.urandom(8).hex()
+
+
+@pytest.fixture(scope="module")
+def auth_lab() -> Iterator[EtcdLab]:
+    """etcd users on (AUTH_USER may use AUTH_PREFIX only), over TLS as a fleet would run it."""
+    need_etcd_tls()
+    with EtcdLab(members=1, tls=True) as lab:
+        lab.attach(None)
+        lab.enable_auth(AUTH_USER, AUTH_PASSWORD, prefix=AUTH_PREFIX)
+        yield lab
+
+
+def password_file(path: Path, password: str) -> str:
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def auth_stores(lab: EtcdLab, tmp_path: Path, prefix: str = "", **settings) -> Stores:
+    return Stores(lab, tmp_path, prefix=prefix or f"{AUTH_PREFIX}t{os.urandom(3).hex()}/",
+                  **{**tls_files(lab), "username": AUTH_USER,
+                     "password_file": password_file(tmp_path / "etcd-password", AUTH_PASSWORD),
+                     **settings})
+
+
+def log_everything(caplog) -> None:
+    """mdserver's records and, under them, urllib3's: a refused start logs
+    nothing of its own, so the requests are what the log holds then."""
+    caplog.set_level(logging.DEBUG, "mdserver")
+    caplog.set_level(logging.DEBUG, "urllib3")
+
+
+def no_password_in_logs(caplog) -> None:
+    assert caplog.records   # something was logged: the check is not void
+    leaked = [r.getMessage() for r in caplog.records
+              if AUTH_PASSWORD in r.getMessage() or AUTH_PASSWORD in str(r.exc_info)]
+    assert leaked == []
+
+
+def test_auth_a_user_commits_and_watches_in_its_prefix_only(auth_lab, tmp_path, caplog):
+    log_everything(caplog)
+    stores = auth_stores(auth_lab, tmp_path)
+    try:
+        a, b = stores.open("a"), stores.open("b")
+        rec = make_instance(1, host="a")
+        a.commit(put=[rec])
+        took = wait_for(lambda: b.by_uuid(rec.uuid) == rec, 5, "b's watch, as the user")
+        print(f"watch propagation with etcd auth over TLS: {took:.3f} s")
+        b.commit(put=[rec.updated(last_seen=2.0)], at=2.0, expect={rec.uuid: b.version(rec.uuid)})
+        wait_for(lambda: a.by_uuid(rec.uuid) == rec.updated(last_seen=2.0), 5, "a follows")
+        on_the_watch([a, b], caplog)
+        # written as the user, read back by the lab as root
+        assert json.loads(auth_lab.get(stores.key("instances", rec.uuid)))["last_seen"] == 2.0
+        # the role is a real limit: outside its prefix the same user is refused
+        (tmp_path / "outside").mkdir()
+        outside = auth_stores(auth_lab, tmp_path / "outside", prefix="/mdt-elsewhere/")
+        try:
+            with pytest.raises(StoreUnavailable, match=r"^etcd refused mdserver \(https://\S+: "
+                               r"etcdserver: permission denied\)$"):
+                outside.open("c")
+        finally:
+            outside.close()
+        assert a.status()["connected"] and b.status()["connected"]
+    finally:
+        stores.close()
+    no_password_in_logs(caplog)
+
+
+def test_auth_tokens_void_after_a_restart_are_renewed(auth_lab, tmp_path, caplog):
+    """The member restarts and knows no token: the stores (and the lab, as
+    root) log in again, and the watch goes on as the user."""
+    log_everything(caplog)
+    stores = auth_stores(auth_lab, tmp_path)
+    try:
+        a, b = stores.open("a"), stores.open("b")
+        first = make_instance(1, host="a")
+        a.commit(put=[first])
+        wait_for(lambda: b.by_uuid(first.uuid) == first, 5, "b sees the first record")
+        tokens = {m.token for s in (a, b) for m in s._cluster.members}
+        auth_lab.stop_member(0)
+        auth_lab.start_member(0)
+        # the only member went away: both stores noticed, and come back
+        took = wait_for(lambda: a.status()["connected"] and b.status()["connected"], 10,
+                        "both stores back")
+        print(f"back after a restart with etcd auth: {took:.3f} s")
+        renewed = {m.token for s in (a, b) for m in s._cluster.members}
+        assert None not in renewed and not renewed & tokens
+        back = caplog.text.count("etcd back after")
+        second = make_instance(2, host="b")
+        b.commit(put=[second])
+        wait_for(lambda: a.by_uuid(second.uuid) == second, 5, "a's watch, on its new token")
+        assert a._stream_member is not None and caplog.text.count("etcd back after") == back
+        assert auth_lab.get(stores.key("instances", second.uuid)) is not None   # root, again
+    finally:
+        stores.close()
+    no_password_in_logs(caplog)
+
+
+def test_auth_a_wrong_password_stops_start(auth_lab, tmp_path, caplog):
+    log_everything(caplog)
+    stores = auth_stores(auth_lab, tmp_path, password_file=password_file(
+        tmp_path / "wrong", "wrong-" + AUTH_PASSWORD))
+    try:
+        with pytest.raises(StoreUnavailable) as e:
+            stores.open("a")
+        message = str(e.value)
+        assert re.fullmatch(rf"etcd refused mdserver \(https://\S+: authentication as "
+                            rf"{AUTH_USER} failed: etcdserver: authentication failed, invalid "
+                            r"user ID or password\)", message), message
+        assert AUTH_PASSWORD not in message    # nor the wrong one, which contains it
+        assert auth_lab.get(stores.key("hosts", "a")) is None
+    finally:
+        stores.close()
+    no_password_in_logs(caplog)
+
+
+def test_auth_over_a_client_certificate_with_a_cn_is_refused(auth_lab, tmp_path, caplog):
+    """etcd 3.4 refuses every JSON-gateway request over a client certificate
+    that has a CN once its users are on: a fleet with both needs CN-less
+    client certificates. mdserver says so at start, in etcd's words."""
+    log_everything(caplog)
+    cert, key = sign_cert(auth_lab.tls_dir, f"cn-{os.urandom(3).hex()}", "/CN=mdserver")
+    stores = auth_stores(auth_lab, tmp_path, cert_file=cert, key_file=key)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"^etcd refused mdserver \(https://\S+: "
+                           r"authentication as mdserver failed: CommonName of client sending "
+                           r"a request against gateway will be ignored and not used as "
+                           r"expected\)$"):
+            stores.open("a")
+    finally:
+        stores.close()
+    no_password_in_logs(caplog)
