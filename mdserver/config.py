@@ -245,6 +245,10 @@ KEYS: Tuple[Key, ...] = (
         "File with an operator cloud-config or script for every guest, sent through\n"
         "the vendor-data channel (OpenStack, NoCloud, seed images; EC2 has none),\n"
         "apart from user-data. Read at start-up. Empty: none."),
+    Key("mdserver", "check_mac", _bool, "yes",
+        "Answer a guest only if the host's neighbour table maps its address to the\n"
+        "MAC of the instance that holds it (another guest taking that address gets\n"
+        "403). Only addresses of [dnsmasq] net_address/net_prefix are checked."),
     Key("libvirt", "route", _choice(*ROUTES), "openstack",
         "How a guest finds its data unless its <mds:route> says otherwise:\n"
         "openstack, ec2, nocloud-net (over HTTP), configdrive or nocloud (seed\n"
@@ -327,6 +331,7 @@ class MdserverSection:
     admin_socket: str
     network_config: str
     vendor_data: Optional[str]
+    check_mac: bool = True
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,11 @@ class StoreConflict(MdserverError):
 
 class StoreUnavailable(MdserverError):
     """The shared store (etcd) cannot be reached: nothing written."""
+
+
+class ForeignSender(Forbidden):
+    """The request comes from an address whose neighbour entry is not the
+    instance's MAC (another guest using that address). Logged, rate-limited,
+    where it is detected."""
+
+    logged = True

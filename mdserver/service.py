@@ -7,10 +7,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 from mdserver import userdata
 from mdserver.config import Config
-from mdserver.errors import Forbidden, NotFound, Unauthorized, UnknownGuest
+from mdserver.errors import ForeignSender, Forbidden, NotFound, Unauthorized, UnknownGuest
 from mdserver.faces import Reply
 from mdserver.faces.ec2 import LATEST
 from mdserver.models import Instance
+from mdserver.neighbours import IdentityCheck
 from mdserver.storeapi import InstanceStore
 from mdserver.tokens import TokenSigner, parse_ttl
 from mdserver.view import SEED_BYTES, InstanceView, Site, make_view
@@ -46,8 +47,11 @@ class Views:
 class MetadataService:
     """Answers guests. Everything it needs is passed in."""
 
-    def __init__(self, cfg: Config, store: InstanceStore, signer: TokenSigner, views: Views):
+    def __init__(self, cfg: Config, store: InstanceStore, signer: TokenSigner, views: Views,
+                 identity: Optional[IdentityCheck] = None):
         self.store = store
+        # None: every sender is taken to be who its address says (tests, demo).
+        self.identity = identity
         self.signer = signer
         self.views = views
         self.tokens_required = cfg.mdserver.imds_tokens == "required"
@@ -69,7 +73,12 @@ class MetadataService:
             inst = self.store.by_ip(ip)
         if inst is None:
             raise UnknownGuest(f"no instance has address {ip}")
+        self._verify(ip, inst)
         return inst
+
+    def _verify(self, ip: str, inst: Instance) -> None:
+        if self.identity is not None and not self.identity.matches(ip, inst.mac):
+            raise ForeignSender(f"{ip} is not the interface of the instance that holds it")
 
     def issue_token(self, ip: str, version: str, ttl_header: Optional[str],
                     forwarded: bool) -> Tuple[str, int]:
@@ -78,6 +87,9 @@ class MetadataService:
             raise Forbidden("tokens are issued only at /latest/api/token")
         if forwarded:
             raise Forbidden("token requests through a proxy are refused")
+        inst = self.store.by_ip(ip)
+        if inst is not None:
+            self._verify(ip, inst)
         ttl = parse_ttl(ttl_header)
         return self.signer.issue(ip, ttl), ttl
 

@@ -41,8 +41,9 @@ def error_response(error: MdserverError) -> HTTPResponse:
     status = status_of(error)
     env = request.environ
     level = logging.ERROR if status >= 500 else logging.INFO
-    log.log(level, "%d %s %s from %s: %s", status, env.get("REQUEST_METHOD"),
-            env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error)
+    if not getattr(error, "logged", False):  # else logged (rate-limited) where detected
+        log.log(level, "%d %s %s from %s: %s", status, env.get("REQUEST_METHOD"),
+                env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error)
     # Server-side failures stay in the log: the guest learns only their kind.
     if status < 500 or status == 503:
         reason = str(error)

@@ -7,6 +7,7 @@ from mdserver import adminclient
 from mdserver import config as configmod
 from mdserver.errors import ConfigError, TemplateError
 from mdserver.models import Instance
+from mdserver.neighbours import IdentityCheck, kernel_identity_check
 from mdserver.service import MetadataService, Views, fresh_seed
 from mdserver.storeapi import InstanceStore
 from mdserver.stores import open_replica
@@ -24,9 +25,10 @@ def build_views(cfg: configmod.Config, seed: Callable[[Instance], bytes] = fresh
 
 
 def build_service(cfg: configmod.Config, store: InstanceStore,
-                  signer: Optional[TokenSigner] = None) -> MetadataService:
+                  signer: Optional[TokenSigner] = None,
+                  identity: Optional[IdentityCheck] = None) -> MetadataService:
     signer = signer or TokenSigner(load_or_create_key(cfg.mdserver.token_key_file))
-    return MetadataService(cfg, store, signer, build_views(cfg))
+    return MetadataService(cfg, store, signer, build_views(cfg), identity)
 
 
 def build_guest_app(cfg: configmod.Config) -> Tuple[Callable, Callable[[], object]]:
@@ -36,8 +38,9 @@ def build_guest_app(cfg: configmod.Config) -> Tuple[Callable, Callable[[], objec
     from mdserver import web
     md = cfg.mdserver
     replica = open_replica(cfg)
+    identity = kernel_identity_check(cfg.dnsmasq.network) if md.check_mac else None
     app = web.metadata_app(
-        build_service(cfg, replica), access_log=md.access_log,
+        build_service(cfg, replica, identity=identity), access_log=md.access_log,
         upload=partial(adminclient.request, md.admin_socket, "POST", "/instance-upload"),
         host_addresses={"127.0.0.1", "::1", md.listen_address},
         password=lambda uuid, blob: adminclient.request(
