@@ -249,6 +249,12 @@ KEYS: Tuple[Key, ...] = (
         "Answer a guest only if the host's neighbour table maps its address to the\n"
         "MAC of the instance that holds it (another guest taking that address gets\n"
         "403). Only addresses of [dnsmasq] net_address/net_prefix are checked."),
+    Key("mdserver", "hop_limit", _int_range(0, 255), "1",
+        "IP TTL of every answer from the metadata address (AWS's\n"
+        "http-put-response-hop-limit, applied to all answers): 1 keeps them from\n"
+        "crossing a router or NAT inside a guest (a container there gets no\n"
+        "metadata and no token); 2 lets one such hop through. 0: off. Set by an\n"
+        "nftables rule set (`mdserverctl nft`) that mdserver.service loads."),
     Key("libvirt", "route", _choice(*ROUTES), "openstack",
         "How a guest finds its data unless its <mds:route> says otherwise:\n"
         "openstack, ec2, nocloud-net (over HTTP), configdrive or nocloud (seed\n"
@@ -332,6 +338,7 @@ class MdserverSection:
     network_config: str
     vendor_data: Optional[str]
     check_mac: bool = True
+    hop_limit: int = 1
 
 
 @dataclass(frozen=True)

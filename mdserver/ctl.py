@@ -9,7 +9,7 @@ import sys
 from typing import Callable, List, Optional
 from urllib.parse import quote
 
-from mdserver import adminclient, pruning
+from mdserver import adminclient, hoplimit, pruning
 from mdserver import config as configmod
 from mdserver.wiring import EXIT_CONFIG, build_views, template_problem
 from mdserver.errors import ConfigError, DaemonUnavailable, MdserverError, TemplateError
@@ -98,6 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--apply", action="store_true",
                    help="with a domain: define it with the route applied and register it, "
                         "as mdserver-enroll does (it takes effect at the next cold boot)")
+    sub.add_parser("nft", help="print the nftables rule set for [mdserver] hop_limit "
+                               "(mdserver.service loads it: `mdserverctl nft | nft -f -`)")
     p = sub.add_parser("store", help="the instance store: status, or migrate a local "
                                      "database into etcd")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
@@ -450,7 +452,12 @@ def migrate(cfg: configmod.Config) -> int:
     return 0
 
 
-COMMANDS = {"store": store, "userdata": userdata, "list": list_, "show": show, "register": register,
+def nft(cfg: configmod.Config, args) -> int:
+    sys.stdout.write(hoplimit.ruleset(cfg.mdserver))
+    return 0
+
+
+COMMANDS = {"nft": nft, "store": store, "userdata": userdata, "list": list_, "show": show, "register": register,
             "remove": remove, "prune": prune, "seed": seed, "password": password, "route": route}
 
 

@@ -19,7 +19,8 @@ from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 
 log = logging.getLogger(__name__)
 
-ARP_TABLE = "/proc/net/arp"
+# /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the latter.
+ARP_TABLE = "/proc/self/net/arp"
 ATF_COM = 0x2  # /proc/net/arp flag: the entry holds a resolved hardware address
 
 RTMGRP_NEIGH = 0x4

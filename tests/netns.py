@@ -90,3 +90,34 @@ def start_dnsmasq(ns: str, base_dir, log_path, *options: str) -> subprocess.Pope
         assert time.monotonic() < deadline, "dnsmasq wrote no pid file"
         time.sleep(0.05)
     return p
+
+
+# Requests from inside a namespace (stdlib only): [[method, path], ...] ->
+# [[status, body], ...]; status 0 when no answer came (timeout, reset).
+GUEST_CLIENT = r"""
+import json, sys, urllib.error, urllib.request
+out = []
+for method, path in json.loads(sys.argv[1]):
+    req = urllib.request.Request("http://169.254.169.254" + path, method=method)
+    if method == "PUT":
+        req.add_header("X-aws-ec2-metadata-token-ttl-seconds", "60")
+    try:
+        with urllib.request.urlopen(req, timeout=float(sys.argv[2])) as r:
+            out.append([r.status, r.read().decode(errors="replace")])
+    except urllib.error.HTTPError as e:
+        out.append([e.code, e.read().decode(errors="replace")])
+    except OSError as e:
+        out.append([0, str(e)])
+print(json.dumps(out))
+"""
+
+
+def guest_requests(ns: str, requests: list, timeout: float = 5.0) -> list:
+    """What the metadata address answers `requests` made from namespace `ns`."""
+    import json
+    import sys
+    r = subprocess.run(exec_in(ns, [sys.executable, "-c", GUEST_CLIENT, json.dumps(requests),
+                                    str(timeout)]),
+                       capture_output=True, text=True, timeout=60 + timeout * len(requests))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
