@@ -145,8 +145,8 @@ class KernelNeighbours:
 
 class IdentityCheck:
     """Is the TCP peer at `ip` the instance with `mac`? Only for addresses in
-    `network` (the guests' bridge network); others (loopback, the demo, a
-    host address) are not checked: their neighbour entry is not a guest's."""
+    `network` (the guests' bridge network) and not loopback; others (the
+    demo, a host address) are not checked: they have no guest's neighbour entry."""
 
     def __init__(self, network: ipaddress.IPv4Network, neighbours: Neighbours,
                  clock: Callable[[], float] = time.monotonic):
@@ -157,9 +157,11 @@ class IdentityCheck:
 
     def checked(self, ip: str) -> bool:
         try:
-            return ipaddress.IPv4Address(ip) in self.network
+            address = ipaddress.IPv4Address(ip)
         except ValueError:
             return False  # IPv6: guests are not served by IPv6 address today
+        # Loopback has no neighbours: a guest network on 127.x is a test's or a demo's.
+        return address in self.network and not address.is_loopback
 
     def matches(self, ip: str, mac: str) -> bool:
         """True if the neighbour table maps `ip` to `mac` (or `ip` is not checked)."""

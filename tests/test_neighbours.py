@@ -66,6 +66,8 @@ def test_match_mismatch_missing_and_unchecked_addresses(caplog):
     assert not check.matches("10.122.0.6", "52:54:00:aa:00:02")  # no usable entry
     assert check.matches("127.0.0.1", "52:54:00:de:30:01")       # loopback/demo: not checked
     assert check.matches("::1", "52:54:00:de:30:01")
+    on_loopback = IdentityCheck(ipaddress.IPv4Network("127.77.0.0/16"), Table({}))
+    assert on_loopback.matches("127.77.0.2", "52:54:00:00:00:01")  # no neighbours there
     refusals = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(refusals) == 2 and "10.122.0.5" in refusals[0].getMessage()
 
