@@ -1,5 +1,6 @@
 """dnsmasq: pure renderers of its config and per-instance host files, and a writer that applies them."""
 
+import errno
 import logging
 import os
 import signal
@@ -98,6 +99,23 @@ def dhcp_name(inst: Instance) -> str:
     return "ip-" + inst.ipv4.replace(".", "-")
 
 
+def signal_dnsmasq(pid: int, sig: int) -> None:
+    """os.kill for a dnsmasq only. A pid file outlives a dnsmasq that was
+    killed, and its number may belong to any process since: that one must
+    not get SIGHUP (which ends most programs). ProcessLookupError, as for no
+    process at all, unless /proc names the process dnsmasq."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
+    except OSError:
+        name = "dnsmasq"  # /proc cannot tell: the signal's own answer decides
+    if name != "dnsmasq":
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} is {name!r}, not dnsmasq")
+    os.kill(pid, sig)
+
+
 def render_dhcp_host(inst: Instance, dn: DnsmasqSection) -> str:
     # id:* ignores the client-id: initramfs, cloud-init's ephemeral DHCP and
     # the OS may all send different ones, and each must get this address.
@@ -117,13 +135,16 @@ class DnsmasqFiles:
     the fleet, DHCP entries only those of this host.
     """
 
-    def __init__(self, cfg: Config, kill: Callable[[int, int], None] = os.kill,
+    def __init__(self, cfg: Config, kill: Callable[[int, int], None] = signal_dnsmasq,
                  host: Optional[str] = None):
         self.cfg = cfg
         self.host = host
         self.dn = cfg.dnsmasq
         self.base = self.dn.base_dir
         self.kill = kill
+        # The dnsmasq pid that refused our signal, if the last one did: said
+        # once, not at every registration.
+        self._refused: Optional[int] = None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.base, *parts)
@@ -200,7 +221,9 @@ class DnsmasqFiles:
             return None
 
     def reload(self) -> bool:
-        """SIGHUP dnsmasq (re-reads host files, forgets removed entries), if it runs."""
+        """SIGHUP dnsmasq (re-reads host files, forgets removed entries), if it
+        runs. Not running (no pid file, a stale one) is no error: the files
+        are written, and dnsmasq reads them all when it starts."""
         pid = self.pid()
         if pid is None:
             return False
@@ -209,7 +232,12 @@ class DnsmasqFiles:
         except ProcessLookupError:
             return False
         except PermissionError:
-            log.error("cannot signal dnsmasq (pid %d): is it running as [dnsmasq] user %s?",
-                      pid, self.dn.user)
+            if self._refused != pid:
+                log.error("cannot signal dnsmasq (pid %d): is it running as [dnsmasq] user "
+                          "%s?", pid, self.dn.user)
+                self._refused = pid
             return False
+        if self._refused is not None:
+            log.info("dnsmasq (pid %d) takes signals again", pid)
+            self._refused = None
         return True

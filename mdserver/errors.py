@@ -54,6 +54,11 @@ class StoreCorrupt(MdserverError):
     """The instance database on disk cannot be read."""
 
 
+class StoreFull(MdserverError):
+    """The file system holding the instance database has no space left (ENOSPC,
+    EDQUOT): nothing written, and the store goes on once space is freed."""
+
+
 class StoreLocked(MdserverError):
     """Another process already holds the instance database for writing."""
 

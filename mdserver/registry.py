@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 import zlib
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence, Set
 
 from mdserver import domainxml
 from mdserver.config import Config
@@ -37,6 +37,11 @@ def no_check(inst: Instance) -> Optional[str]:
 # first) is re-planned on the fresher state this many times.
 ATTEMPTS = 8
 
+# Seconds between attempts to bring a failing sink (its directory read-only,
+# full, gone) back in step when no change comes to try it: a domain defined
+# while it failed and started later must find its files.
+RETRY_INTERVAL = 30.0
+
 
 class Registry:
     """This host's writer of the instance store (it runs in the main process).
@@ -47,7 +52,8 @@ class Registry:
     def __init__(self, cfg: Config, store: InstanceStore, sinks: Sequence[Sink],
                  clock: Callable[[], float] = time.time,
                  on_change: Callable[[], None] = lambda: None,
-                 check: Callable[[Instance], Optional[str]] = no_check):
+                 check: Callable[[Instance], Optional[str]] = no_check,
+                 retry_interval: float = RETRY_INTERVAL):
         self.cfg = cfg
         self.store = store
         self.host = store.host
@@ -66,31 +72,91 @@ class Registry:
         self._cursor = self.pool.first + (zlib.crc32(self.host.encode()) % max(1, self.pool.size)
                                           if shared else 0)
         self._lock = threading.Lock()
+        # Held while sinks are written, and guards _failing and _retrier.
         self._sink_lock = threading.Lock()
+        # Indexes in self.sinks of the sinks that missed a change: out of
+        # step until a full sync() of theirs succeeds.
+        self._failing: Set[int] = set()
+        self.retry_interval = retry_interval
+        self._retrier: Optional[threading.Thread] = None
+        self._stop = threading.Event()
         store.subscribe(self._changed)
 
     def sync(self) -> None:
-        """Start-up: make every sink match the store."""
+        """Start-up: make every sink match the store. A sink that cannot
+        write is reported and retried; the daemon serves meanwhile."""
         instances = list(self.store)
         with self._sink_lock:
-            for sink in self.sinks:
-                if sink.sync(instances):
-                    sink.reload()
+            for n in range(len(self.sinks)):
+                self._resync(n, instances)
+
+    def retry(self) -> None:
+        """Re-sync every failing sink with all records (the periodic catch-up)."""
+        with self._sink_lock:
+            if self._failing:
+                instances = list(self.store)
+                for n in sorted(self._failing):
+                    self._resync(n, instances)
+
+    def close(self) -> None:
+        """Stop the retries (a daemon thread: a process may also just exit)."""
+        self._stop.set()
 
     def _changed(self, changes: Sequence[Change]) -> None:
-        """The store's change feed (this host's writes and, shared, any host's)."""
+        """The store's change feed (this host's writes and, shared, any host's).
+
+        The record is stored whatever a sink does: a sink that fails is
+        reported once, and brought back in step with every record (it missed
+        changes, so not only this one) at the next change or retry."""
         with self._sink_lock:
-            for sink in self.sinks:
+            for n, sink in enumerate(self.sinks):
+                if n in self._failing:
+                    self._resync(n, list(self.store))
+                    continue
                 try:
                     reload = [sink.put(c.new) if c.new is not None else sink.remove(c.uuid)
                               for c in changes]
                     if any(reload):
                         sink.reload()
-                except OSError as e:
-                    # The record is stored; the sink catches up at its next change
-                    # or at start-up.
-                    log.error("%s: %s", type(sink).__name__, e)
+                except Exception as e:
+                    self._failed(n, e)
         self.on_change()
+
+    def _resync(self, n: int, instances: Sequence[Instance]) -> None:
+        """sink n made to match `instances`. Under _sink_lock."""
+        sink = self.sinks[n]
+        try:
+            if sink.sync(instances):
+                sink.reload()
+        except Exception as e:
+            self._failed(n, e)
+            return
+        if n in self._failing:
+            self._failing.discard(n)
+            log.info("%s: writing again", type(sink).__name__)
+
+    def _failed(self, n: int, e: Exception) -> None:
+        """One line when sink n starts failing, none while it goes on. Under _sink_lock."""
+        if n in self._failing:
+            return
+        self._failing.add(n)
+        # A bug in a sink (not an OSError) gets its traceback.
+        log.error("%s: %s; instances are still registered, its files catch up once it "
+                  "can write again", type(self.sinks[n]).__name__, e,
+                  exc_info=not isinstance(e, OSError))
+        if self._retrier is None:
+            self._retrier = threading.Thread(target=self._retry_loop, daemon=True,
+                                             name="sink-retry")
+            self._retrier.start()
+
+    def _retry_loop(self) -> None:
+        """While a sink fails, retry it every retry_interval seconds; ends once none fails."""
+        while not self._stop.wait(self.retry_interval):
+            self.retry()
+            with self._sink_lock:
+                if not self._failing:
+                    self._retrier = None
+                    return
 
     def _taken(self, uuid: str, now: float) -> Callable[[str], bool]:
         def taken(ip: str) -> bool:

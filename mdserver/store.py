@@ -1,14 +1,15 @@
 """The local instance store: a JSON snapshot plus an fsynced JSON-lines journal, indexed in memory."""
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import threading
-from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from mdserver import legacy
-from mdserver.errors import NotFound, StoreConflict, StoreCorrupt, StoreLocked
+from mdserver.errors import NotFound, StoreConflict, StoreCorrupt, StoreFull, StoreLocked
 from mdserver.fsutil import atomic_write, fsync_dir
 from mdserver.models import SCHEMA_VERSION, Instance
 from mdserver.storeapi import Change, Listener, per_host
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 # as many as the snapshot has records, whichever is larger: a registration
 # then costs one fsynced line plus, amortised, a bounded share of a rewrite.
 MIN_COMPACT = 1000
+
+# A full file system (or a user's quota) is the one write failure the admin
+# fixes by freeing space: StoreFull, and the store goes on once they have.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class _Index:
@@ -137,16 +142,30 @@ class Store:
         self.freed_retention = freed_retention
         self._lock = threading.RLock()
         self._lockfile: Optional[int] = None
-        self._journal: Optional[BinaryIO] = None
+        # The writer's journal, unbuffered: a failed append must leave no
+        # bytes behind in a buffer that a later flush would add to the file.
+        self._journal: Optional[int] = None
         self._journal_ino: Optional[int] = None
+        # Journal bytes up to the end of the last complete, acknowledged line
+        # (the writer: the file's size, unless an append was cut off).
         self._offset = 0
         self._entries = 0
+        # An append failed and its bytes could not be cut off yet: the next
+        # append cuts them first, so it never glues onto a torn line.
+        self._torn = False
+        # A compaction failed (the journal still holds everything): logged
+        # once, tried again at the next commit, logged again once it works.
+        self._compact_failing = False
         self._idx = _Index(host)
         if writable:
             self._take_lock()
-        self._reload()
-        if writable and self._journal is None:
-            self._open_journal()
+        try:
+            self._reload()
+            if writable and self._journal is None:
+                self._open_journal()
+        except BaseException:
+            self.close()  # a refused database keeps no lock (nor its file system busy)
+            raise
 
     # -- loading and following -------------------------------------------------
 
@@ -223,9 +242,11 @@ class Store:
         self._idx = idx
         if torn and self.writable:
             # A crash mid-append left at most one torn last line; that write
-            # never returned, so dropping it loses nothing promised.
+            # never returned, so dropping it loses nothing promised. Cut off,
+            # not compacted away: truncating needs no space, so a full disk
+            # does not keep the daemon from starting.
             log.warning("%s: dropping an incomplete last entry", self.journal_path)
-            self._compact()
+            os.truncate(self.journal_path, self._offset)
 
     def _replay(self, idx: _Index, data: bytes) -> bool:
         """Apply complete lines of `data` (journal bytes from self._offset);
@@ -252,6 +273,11 @@ class Store:
                 return True
             if st is None or st.st_size == self._offset:
                 return False
+            if st.st_size < self._offset:
+                # The writer cut off a line whose fsync failed after this
+                # replica had read it: start again from what is on disk.
+                self._reload()
+                return True
             before = self._entries
             with open(self.journal_path, "rb") as f:
                 f.seek(self._offset)
@@ -328,13 +354,10 @@ class Store:
             before = {u: self._idx.by_uuid.get(u) for u in delete + [i.uuid for i in put]}
             entry = {"at": at, "del": delete, "put": [i.to_dict() for i in put],
                      "rev": self._idx.rev + 1}
-            created = self._journal.tell() == 0
             data = _encode(entry)
-            self._journal.write(data)
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
-            if created:
-                fsync_dir(os.path.dirname(os.path.abspath(self.journal_path)))
+            # Written (durably) before it is applied: a failed write leaves
+            # the indexes as they were.
+            self._append(self._journal, data)
             self._idx.rev += 1
             for uuid in delete:
                 self._idx.delete(uuid, at)
@@ -343,12 +366,55 @@ class Store:
             self._offset += len(data)
             self._entries += 1
             if self._entries >= max(MIN_COMPACT, len(self)):
-                self._compact()
+                self._try_compact()
             changes = [Change(old, self._idx.by_uuid.get(u)) for u, old in before.items()
                        if old is not self._idx.by_uuid.get(u)]
             # In the writer's lock: listeners see changes in commit order.
             for listener in self._listeners:
                 listener(changes)
+
+    def _append(self, fd: int, data: bytes) -> None:
+        """One journal line, durable; or StoreFull (or the OSError) with the
+        journal cut back to its last complete line, so nothing of it is left."""
+        try:
+            if self._torn:
+                os.ftruncate(fd, self._offset)
+                self._torn = False
+            view = memoryview(data)
+            while view:  # a write may be short (the disk filled up midway)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            if self._offset == 0:  # created (or emptied by a compaction) just now
+                fsync_dir(os.path.dirname(os.path.abspath(self.journal_path)))
+        except OSError as e:
+            self._cut(fd)
+            if e.errno in NO_SPACE:
+                raise StoreFull(f"{self.journal_path}: {e.strerror}: nothing written "
+                                "(free space there; no restart needed)") from None
+            raise
+
+    def _cut(self, fd: int) -> None:
+        # O_APPEND: the next line goes where this cut leaves the end.
+        try:
+            os.ftruncate(fd, self._offset)
+        except OSError:
+            self._torn = True  # the next append tries again, before it writes
+
+    def _try_compact(self) -> None:
+        """Compact; if that fails, the journal (already durable) keeps every
+        record and the next commit tries again: the commit itself succeeded."""
+        try:
+            self._compact()
+        except OSError as e:
+            if not self._compact_failing:
+                log.error("%s: cannot compact the journal (%s); it keeps every record, "
+                          "compaction is tried again at each write", self.path,
+                          e.strerror or e)
+                self._compact_failing = True
+            return
+        if self._compact_failing:
+            log.info("%s: compacted again", self.path)
+            self._compact_failing = False
 
     def subscribe(self, listener: Listener) -> None:
         """The change feed: this store's writer is its only source of changes."""
@@ -365,23 +431,27 @@ class Store:
         crash between the two steps loses nothing."""
         idx = self._idx
         newest = max((at for at, _ in idx.freed.values()), default=0.0)
-        idx.freed = {ip: v for ip, v in idx.freed.items()
-                     if v[0] >= newest - self.freed_retention}
+        freed = {ip: v for ip, v in idx.freed.items() if v[0] >= newest - self.freed_retention}
         snapshot = {"schema": SCHEMA_VERSION, "rev": idx.rev,
                     "instances": [i.to_dict() for i in idx.by_uuid.values()],
-                    "freed": {ip: list(v) for ip, v in idx.freed.items()}}
+                    "freed": {ip: list(v) for ip, v in freed.items()}}
         atomic_write(self.path, json.dumps(snapshot, separators=(",", ":"),
                                            sort_keys=True).encode(), 0o640)
+        # Pruned in memory only once the snapshot holds the result, so a
+        # failed compaction changes nothing.
+        idx.freed = freed
         atomic_write(self.journal_path, b"", 0o640)
-        if self._journal is not None:
-            self._journal.close()
+        old = self._journal
         self._open_journal()
+        if old is not None:
+            os.close(old)
         self._offset, self._entries = 0, 0
+        self._torn = False  # a new, empty file
 
     def _open_journal(self) -> None:
         # Records may hold password hashes: not world-readable.
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._journal = os.fdopen(fd, "ab")
+        self._journal = fd
         st = os.fstat(fd)
         self._journal_ino = st.st_ino
         self._offset = st.st_size
@@ -389,7 +459,7 @@ class Store:
     def close(self) -> None:
         with self._lock:
             if self._journal is not None:
-                self._journal.close()
+                os.close(self._journal)
                 self._journal = None
             if self._lockfile is not None:
                 os.close(self._lockfile)

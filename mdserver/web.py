@@ -9,8 +9,8 @@ from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from mdserver.errors import (BadRequest, Conflict, DaemonUnavailable, Forbidden,
                              MdserverError, NotFound, PayloadTooLarge, PoolExhausted,
-                             StoreConflict, StoreLocked, StoreUnavailable, TemplateError,
-                             Unauthorized)
+                             StoreConflict, StoreFull, StoreLocked, StoreUnavailable,
+                             TemplateError, Unauthorized)
 from mdserver.domainxml import MAX_XML_BYTES
 from mdserver.faces import Reply, ec2, nocloud, openstack
 from mdserver.registry import Registry, record_json
@@ -24,6 +24,7 @@ STATUS = (  # most specific first
     (NotFound, 404), (Unauthorized, 401), (Forbidden, 403), (PayloadTooLarge, 413),
     (Conflict, 409), (StoreConflict, 409), (BadRequest, 400),
     (PoolExhausted, 503), (StoreLocked, 503), (StoreUnavailable, 503), (DaemonUnavailable, 503), (TemplateError, 500),
+    (StoreFull, 507),  # Insufficient Storage: nothing written until space is freed
 )
 TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"
 TTL_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS"
@@ -45,7 +46,7 @@ def error_response(error: MdserverError) -> HTTPResponse:
         log.log(level, "%d %s %s from %s: %s", status, env.get("REQUEST_METHOD"),
                 env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error)
     # Server-side failures stay in the log: the guest learns only their kind.
-    if status < 500 or status == 503:
+    if status < 500 or status in (503, 507):
         reason = str(error)
     else:
         reason = "template error" if isinstance(error, TemplateError) else "internal error"
