@@ -3,13 +3,16 @@
 import argparse
 import logging
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mdserver import demo, logs
 from mdserver import config as configmod
+from mdserver.adminserver import AdminClaim, claim_admin
+from mdserver.config import Config
 from mdserver.dnsmasq import DnsmasqFiles
 from mdserver.errors import ConfigError, MdserverError
 from mdserver.registry import Registry
+from mdserver.storeapi import InstanceStore
 from mdserver.stores import open_store
 from mdserver.tokens import load_or_create_key
 from mdserver.view import derived_seed
@@ -17,6 +20,30 @@ from mdserver.wiring import (EXIT_CONFIG, build_guest_app, build_views, read_ven
                              template_problem)
 
 log = logging.getLogger("mdserver")
+
+
+def take_ownership(cfg: Config) -> Tuple[InstanceStore, AdminClaim]:
+    """The daemon's two exclusive resources, the store and the admin socket,
+    both taken before anything is changed (dnsmasq files, seeds, the socket
+    file), or the one MdserverError that names who has them.
+
+    A local store first: its flock is what tells a second daemon on the same
+    database ("in use"), and opening it changes nothing another daemon owns.
+    An etcd store second: starting it claims this host in the shared registry
+    and refreshes its cache, which a daemon refused for the socket must not do."""
+    if cfg.store.backend == "local":
+        store = open_store(cfg)
+        try:
+            return store, claim_admin(cfg.mdserver.admin_socket)
+        except BaseException:
+            store.close()
+            raise
+    claim = claim_admin(cfg.mdserver.admin_socket)
+    try:
+        return open_store(cfg), claim
+    except BaseException:
+        claim.release()
+        raise
 
 
 def daemon_main(argv: Optional[List[str]] = None) -> int:
@@ -49,8 +76,8 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     from mdserver import server, web
     from mdserver.seeds import SeedImages
     try:
-        store = open_store(cfg)
-    except MdserverError as e:
+        store, claim = take_ownership(cfg)
+    except (MdserverError, OSError) as e:
         log.error("%s", e)
         return 1
     try:
@@ -66,9 +93,10 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         if args.demo:
             demo.register_demo(store)
         return server.run(cfg, web.admin_app(registry), build_guest_app,
-                          on_listening=demo.print_hints if args.demo else None)
+                          on_listening=demo.print_hints if args.demo else None, claim=claim)
     except (MdserverError, OSError) as e:
         log.error("%s", e)
         return 1
     finally:
         store.close()
+        claim.release()  # last: the socket file is gone by now (server.run removed it)

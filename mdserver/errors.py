@@ -63,6 +63,10 @@ class StoreLocked(MdserverError):
     """Another process already holds the instance database for writing."""
 
 
+class AdminSocketTaken(MdserverError):
+    """Another mdserver holds or answers on the admin socket: this one does not start."""
+
+
 class DaemonUnavailable(MdserverError):
     """Nothing (or nothing in time) answers on the admin socket."""
 

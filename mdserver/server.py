@@ -12,7 +12,8 @@ from functools import partial
 from typing import Callable, Optional, Tuple
 
 from mdserver import logs
-from mdserver.adminserver import close_admin, serve_admin
+from mdserver.adminserver import AdminClaim, claim_admin, close_admin, serve_admin
+from mdserver.bodies import finished_bodies
 from mdserver.config import Config, MdserverSection
 from mdserver.fsutil import atomic_write
 from mdserver.notify import sd_notify
@@ -52,7 +53,10 @@ def _worker_app(cfg: Config, build: Build) -> Callable:
     app, refresh = build(cfg)
     on_signals({signal.SIGHUP: handler.reopen if handler is not None else (lambda: None),
                 signal.SIGUSR1: refresh})
-    return app
+    # granian bounds the wait for headers (header_timeout) but not for a
+    # body: the same time for the body, or one stalled client per app thread
+    # stops every guest.
+    return finished_bodies(app, cfg.mdserver.header_timeout, cut=True, close_header=True)
 
 
 def notify_workers() -> None:
@@ -147,11 +151,25 @@ def _remove(path: str) -> None:
 
 
 def run(cfg: Config, admin: Callable, build: Build,
-        on_listening: Optional[OnListening] = None) -> int:
+        on_listening: Optional[OnListening] = None, claim: Optional[AdminClaim] = None) -> int:
     """Serve until SIGTERM/SIGINT: `admin` on the admin socket here, in the
     main process; the guest listener in a granian worker, whose app and
     replica-refresh function `build(cfg)` makes there. `on_listening(host,
-    port)` is called once guests are served (port 0 resolved)."""
+    port)` is called once guests are served (port 0 resolved). `claim`: the
+    admin socket, claimed by the caller before it changed anything (else
+    claimed here, AdminSocketTaken if another mdserver has it)."""
+    md = cfg.mdserver
+    own = claim is None
+    claim = claim_admin(md.admin_socket) if claim is None else claim
+    try:
+        return _run(cfg, admin, build, on_listening, claim)
+    finally:
+        if own:
+            claim.release()
+
+
+def _run(cfg: Config, admin: Callable, build: Build, on_listening: Optional[OnListening],
+         claim: AdminClaim) -> int:
     md = cfg.mdserver
     log_file = _LogFile(md)
 
@@ -169,7 +187,9 @@ def run(cfg: Config, admin: Callable, build: Build,
     on_signals({signal.SIGHUP: reopen_everywhere, signal.SIGUSR1: lambda: None})
     report = port_file(md.admin_socket)
     _remove(report)  # a stale one would name a port nobody serves
-    admin_server = serve_admin(admin, md.admin_socket)
+    # The admin server closes after each request: no Connection header (wsgiref refuses it).
+    admin_app = finished_bodies(admin, md.header_timeout, cut=False, close_header=False)
+    admin_server = serve_admin(admin_app, claim, io_timeout=md.header_timeout)
     try:
         if not _wait_for_address(md.listen_address):
             return 0
@@ -178,7 +198,7 @@ def run(cfg: Config, admin: Callable, build: Build,
         with reserve_port(md.listen_address) as held:
             return _serve(cfg, held.getsockname()[1], build, log_file, report, on_listening)
     finally:
-        close_admin(admin_server, md.admin_socket)
+        close_admin(admin_server)
         _remove(report)
 
 

@@ -63,16 +63,23 @@ def _plain_error(res: HTTPError) -> str:
 
 
 def read_body(environ: dict, limit: int = MAX_XML_BYTES) -> bytes:
-    """The request body, or PayloadTooLarge past `limit` (checked before reading it all)."""
+    """The request body, or PayloadTooLarge past `limit` (checked before reading it all);
+    BadRequest if it stops short of its Content-Length or does not come in time.
+    (The listeners read what a rejected body leaves, so the 413 reaches the client.)"""
     try:
         length = int(environ.get("CONTENT_LENGTH") or -1)
     except ValueError:
         raise BadRequest("bad Content-Length") from None
     if length > limit:
         raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
-    data = environ["wsgi.input"].read(limit + 1 if length < 0 else length)
+    try:
+        data = environ["wsgi.input"].read(limit + 1 if length < 0 else length)
+    except OSError as e:  # the listener's deadline for the body, or the client left
+        raise BadRequest(f"request body incomplete: {e}") from None
     if len(data) > limit:
         raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+    if 0 <= length != len(data):
+        raise BadRequest(f"request body ended after {len(data)} of {length} bytes")
     return data
 
 
