@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import xmltodict
+from xml.parsers import expat
 from xml.parsers.expat import ExpatError
 
 from mdserver.config import CRYPT_HASH, HOST_LABEL, RESERVED_TEMPLATE_NAMES
@@ -36,6 +37,25 @@ class DomainInfo:
     settings: InstanceSettings
 
 
+NO_DTD = "DOCTYPE and ENTITY declarations are not accepted"
+
+
+def _refuse_doctype(*_: Any) -> None:
+    raise BadDomainXML(NO_DTD)
+
+
+class _NoDoctypeExpat:
+    """The expat module as xmltodict uses it (ParserCreate only), its parsers
+    refusing a DOCTYPE themselves: the byte test in parse() sees one only in
+    an ASCII-compatible encoding, and expat reads UTF-16 as well."""
+
+    @staticmethod
+    def ParserCreate(*args: Any, **kwargs: Any) -> Any:
+        parser = expat.ParserCreate(*args, **kwargs)
+        parser.StartDoctypeDeclHandler = _refuse_doctype
+        return parser
+
+
 def _list(value: Any) -> List[Any]:
     if value is None:
         return []
@@ -56,10 +76,10 @@ def parse(data: bytes, net_name: str, bridge: Optional[str] = None) -> DomainInf
     # Refuse DTDs outright: entity expansion and external references hide in
     # them, and some xmltodict versions silently drop entity references.
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise BadDomainXML("DOCTYPE and ENTITY declarations are not accepted")
+        raise BadDomainXML(NO_DTD)
     try:
-        doc = xmltodict.parse(data, disable_entities=True, process_namespaces=True,
-                              namespaces={NAMESPACE: "mds"})
+        doc = xmltodict.parse(data, expat=_NoDoctypeExpat, disable_entities=True,
+                              process_namespaces=True, namespaces={NAMESPACE: "mds"})
     except (ExpatError, ValueError) as e:
         raise BadDomainXML(f"malformed XML: {e}") from None
     domain = doc.get("domain") if isinstance(doc, dict) else None

@@ -18,6 +18,9 @@ from mdserver.view import SEED_BYTES, InstanceView, Site, make_view
 
 log = logging.getLogger(__name__)
 
+# Replies cached per (face, instance): a full crawl of any face asks far fewer.
+MAX_CACHED_PATHS = 128
+
 
 def fresh_seed(inst: Instance) -> bytes:
     return os.urandom(SEED_BYTES)
@@ -135,5 +138,9 @@ class MetadataService:
                 cached = self._replies.get(key)
                 if cached is None or cached[0] is not inst:
                     cached = self._replies[key] = (inst, {})
-                cached[1][path] = reply
+                # Keyed by the path as asked, and a face serves one file under
+                # many spellings (extra slashes, letter case): bounded, so a
+                # guest cannot grow this at will.
+                if len(cached[1]) < MAX_CACHED_PATHS:
+                    cached[1][path] = reply
         return reply

@@ -47,7 +47,8 @@ class TokenSigner:
     def remaining(self, token: str, ip: str) -> int:
         """Seconds the token has left, or Unauthorized if it is not valid for `ip`."""
         expiry_text, _, signature = token.strip().partition(".")
-        if not expiry_text.isdigit() or len(expiry_text) > 12:
+        # ASCII digits only: isdigit() also takes superscripts, which int() refuses.
+        if not (expiry_text.isascii() and expiry_text.isdigit()) or len(expiry_text) > 12:
             raise Unauthorized("malformed token")
         expiry = int(expiry_text)
         if not hmac.compare_digest(signature.encode(), self._sign(expiry, ip).encode()):

@@ -111,7 +111,9 @@ class Templates:
         """(template path, checked text) for `inst`, or TemplateError."""
         path, template = self.choose(inst)
         try:
-            text = template.render(**context)
+            # One mapping, not keywords: a name from `meta` may be `self`,
+            # render()'s own parameter (TypeError: multiple values).
+            text = template.render(context)
         except Exception as e:  # a template is code: any error is the template's
             raise TemplateError(f"{path}: {type(e).__name__}: {e}") from None
         check_cloud_config(text, path)
@@ -153,8 +155,11 @@ def context(inst: Instance, site: Site, cfg: Config) -> Dict[str, object]:
         meta=dict(inst.settings.meta),
     )
     # Per-instance values also by their own name, where that is a name
-    # (registration refused those that shadow the names above).
-    ctx.update((k, v) for k, v in inst.settings.meta if k.isidentifier())
+    # (registration refused those that shadow the names above), but not a
+    # dunder: `__builtins__` among a template's globals breaks every template,
+    # the built-in one too (SystemError). Such values stay in `meta`.
+    ctx.update((k, v) for k, v in inst.settings.meta
+               if k.isidentifier() and not (k.startswith("__") and k.endswith("__")))
     password = inst.settings.password or cfg.mdserver.password
     if password:
         ctx["mdserver_password"] = password

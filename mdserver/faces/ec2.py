@@ -102,9 +102,17 @@ def build_tree(view: InstanceView) -> Dir:
     if keys:  # AWS omits public-keys/ when there is no key: never list an empty dir
         meta["public-keys"] = Dir(
             {str(i): Dir({"openssh-key": key}) for i, (_, key) in enumerate(keys)},
-            labels={str(i): f"{i}={name}" for i, (name, _) in enumerate(keys)})
+            labels={str(i): f"{i}={one_line(name)}" for i, (name, _) in enumerate(keys)})
     dynamic = Dir({"instance-identity": Dir({"document": identity_document(view)})})
     return Dir({"dynamic": dynamic, "meta-data": Dir(meta), "user-data": ""})
+
+
+def one_line(name: str) -> str:
+    """`name` as one listing line. cloud-init splits a listing with
+    str.splitlines(), and a domain name (in its keys' names) may hold \\r,
+    \\x85, \\u2028 or, from older libvirt, \\n: each would make the rest of
+    the name an entry of its own, one that is not there (404)."""
+    return " ".join(name.splitlines())
 
 
 def listing(node: Dir) -> str:
