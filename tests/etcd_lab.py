@@ -70,6 +70,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
+from labbase import LabContext
+
 PREFIX = "mdt"
 CLIENT_PORT = 23790          # member i: CLIENT_PORT + i
 PEER_PORT = 23800            # member i: PEER_PORT + i
@@ -247,7 +249,7 @@ def _b64(data: Bytes) -> str:
 _used_octets: Set[Tuple[int, int]] = set()     # subnets of this process's open labs
 
 
-class EtcdLab:
+class EtcdLab(LabContext):
     """`members` (1 or 3) etcd 3.4 members in namespace `mdt-etcd-<tag>`.
 
     Use as a context manager (or start()/close()); close() always runs, also
@@ -287,21 +289,11 @@ class EtcdLab:
         self._env = _clean_env()
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    # -- context manager ---------------------------------------------------
+    LAB_NAME = "etcd lab"
+    LAB_ERRORS = (EtcdLabError,)
 
-    def __enter__(self) -> "EtcdLab":
-        self.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
-            print("--- etcd lab logs ---\n" + self.log_tail(), file=sys.stderr)
-        try:
-            self.close()
-        except EtcdLabError as e:
-            if exc_type is None:
-                raise
-            print(e, file=sys.stderr)  # keep the test's own exception
+    def diagnostics(self) -> str:
+        return self.log_tail()
 
     # -- names -------------------------------------------------------------
 

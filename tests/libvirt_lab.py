@@ -119,6 +119,8 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from xml.sax.saxutils import escape, quoteattr
 
+from labbase import LabContext
+
 PREFIX = "mdt-"
 ETC_LIBVIRT = "/etc/libvirt"
 
@@ -451,7 +453,7 @@ def _capabilities_cache() -> str:
 HookSource = Union[str, bytes, "os.PathLike[str]"]
 
 
-class LibvirtLab:
+class LibvirtLab(LabContext):
     """A private libvirtd + virtlogd in network namespace `mdt-lv-<tag>`.
 
     Use as a context manager; `close()` always runs (also on errors and
@@ -492,22 +494,8 @@ class LibvirtLab:
         self._closed = False
         self._restarted: List[subprocess.Popen] = []  # libvirtds of restart_libvirtd()
 
-    # -- context manager ---------------------------------------------------
-
-    def __enter__(self) -> "LibvirtLab":
-        self.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
-            # pytest shows captured stderr of a failing test
-            print("--- libvirt lab logs ---\n" + self.diagnostics(), file=sys.stderr)
-        try:
-            self.close()
-        except LabError as e:
-            if exc_type is None:
-                raise
-            print(e, file=sys.stderr)  # keep the test's own exception
+    LAB_NAME = "libvirt lab"
+    LAB_ERRORS = (LabError,)
 
     # -- names and paths ---------------------------------------------------
 
