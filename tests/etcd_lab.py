@@ -64,13 +64,12 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
-from labbase import LabContext
+from labbase import LabContext, Step
 
 PREFIX = "mdt"
 CLIENT_PORT = 23790          # member i: CLIENT_PORT + i
@@ -285,7 +284,6 @@ class EtcdLab(LabContext):
         self._octet: Optional[Tuple[int, int]] = None
         self._netns_created = False
         self._started = False
-        self._closed = False
         self._env = _clean_env()
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -681,48 +679,28 @@ class EtcdLab(LabContext):
 
     # -- teardown ----------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop every member, delete every veth and the namespace, remove the
-        temp dir; safe to call twice, never stops at one failed step."""
-        if self._closed:
-            return
-        self._closed = True
+    def teardown(self, step: Step) -> None:
+        """close(): stop every member, delete every veth and the namespace,
+        remove the temp dir."""
         atexit.unregister(self.close)
-        old_sigint = None
-        if threading.current_thread() is threading.main_thread():
-            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        errors: List[str] = []
-
-        def step(what, fn, *args):
-            try:
-                fn(*args)
-            except Exception as e:  # keep going: later steps must still run
-                errors.append(f"{what}: {e}")
-
-        try:
-            for i in range(self.size):
-                step(f"stop member {i}", self.stop_member, i)
-            if self._netns_created:
-                step("stop leftover processes", self._kill_leftovers)
-            for netns, link in reversed(self._links):
-                if netns is None:
-                    step(f"delete {link}", _ip, "link", "del", link)
-                else:   # its namespace may be gone already, and the link with it
-                    _ip("link", "del", link, netns=netns, check=False)
-            self._links.clear()
-            self.attached.clear()
-            if self._netns_created:
-                step("delete netns", _ip, "netns", "del", self.netns)
-                self._netns_created = False
-            if self._octet:
-                _used_octets.discard(self._octet)
-            if self.tmpdir and os.path.isdir(self.tmpdir) and not self.keep_tmp:
-                step("remove temp dir", shutil.rmtree, self.tmpdir)
-        finally:
-            if old_sigint is not None:
-                signal.signal(signal.SIGINT, old_sigint)
-        if errors:
-            raise EtcdLabError("etcd lab cleanup incomplete: " + "; ".join(errors))
+        for i in range(self.size):
+            step(f"stop member {i}", self.stop_member, i)
+        if self._netns_created:
+            step("stop leftover processes", self._kill_leftovers)
+        for netns, link in reversed(self._links):
+            if netns is None:
+                step(f"delete {link}", _ip, "link", "del", link)
+            else:   # its namespace may be gone already, and the link with it
+                _ip("link", "del", link, netns=netns, check=False)
+        self._links.clear()
+        self.attached.clear()
+        if self._netns_created:
+            step("delete netns", _ip, "netns", "del", self.netns)
+            self._netns_created = False
+        if self._octet:
+            _used_octets.discard(self._octet)
+        if self.tmpdir and os.path.isdir(self.tmpdir) and not self.keep_tmp:
+            step("remove temp dir", shutil.rmtree, self.tmpdir)
 
     def _kill_leftovers(self) -> None:
         """Anything still running in the lab's namespace (a test's etcdctl)."""

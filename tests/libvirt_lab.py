@@ -119,7 +119,7 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from xml.sax.saxutils import escape, quoteattr
 
-from labbase import LabContext
+from labbase import LabContext, Step
 
 PREFIX = "mdt-"
 ETC_LIBVIRT = "/etc/libvirt"
@@ -491,7 +491,6 @@ class LibvirtLab(LabContext):
         self._netns_created = False
         self._netns_ino = 0
         self._started = False
-        self._closed = False
         self._restarted: List[subprocess.Popen] = []  # libvirtds of restart_libvirtd()
 
     LAB_NAME = "libvirt lab"
@@ -872,47 +871,28 @@ class LibvirtLab(LabContext):
 
     # -- stop ------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Tear everything down; safe to call twice, never raises for one failed step."""
-        if self._closed:
-            return
-        self._closed = True
-        old_sigint = None
-        if threading.current_thread() is threading.main_thread():
-            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        errors: List[str] = []
-
-        def step(what, fn, *args):
-            try:
-                fn(*args)
-            except Exception as e:  # keep going: later steps must still run
-                errors.append(f"{what}: {e}")
-
-        try:
-            if self.uri and _alive(self.libvirtd_pid):
-                step("undefine objects", self._undefine_all)
-            if self.libvirtd_pid:
-                step("stop libvirtd", _terminate, self.libvirtd_pid, 20)
-            if self._netns_ino:
-                for pid, _comm in self.processes():
-                    if pid != self.virtlogd_pid:
-                        step(f"stop leftover pid {pid}", _terminate, pid, 10)
-            if self.virtlogd_pid:
-                step("stop virtlogd", _terminate, self.virtlogd_pid, 10)
-            if self.holder:
-                step("stop holder", self._stop_holder)
-            if self._netns_created:
-                step("delete netns", _run, ["ip", "netns", "del", self.netns])
-            if self.tmpdir and os.path.isdir(self.tmpdir):
-                self.final_diagnostics = ""
-                self.final_diagnostics = self.diagnostics(200)
-                if not self.keep_tmp:
-                    step("remove temp dir", shutil.rmtree, self.tmpdir)
-        finally:
-            if old_sigint is not None:
-                signal.signal(signal.SIGINT, old_sigint)
-        if errors:
-            raise LabError("lab cleanup incomplete: " + "; ".join(errors))
+    def teardown(self, step: Step) -> None:
+        """close(): undefine, stop libvirtd and what else runs in the lab, delete
+        the namespace, keep the last diagnostics, remove the temp dir."""
+        if self.uri and _alive(self.libvirtd_pid):
+            step("undefine objects", self._undefine_all)
+        if self.libvirtd_pid:
+            step("stop libvirtd", _terminate, self.libvirtd_pid, 20)
+        if self._netns_ino:
+            for pid, _comm in self.processes():
+                if pid != self.virtlogd_pid:
+                    step(f"stop leftover pid {pid}", _terminate, pid, 10)
+        if self.virtlogd_pid:
+            step("stop virtlogd", _terminate, self.virtlogd_pid, 10)
+        if self.holder:
+            step("stop holder", self._stop_holder)
+        if self._netns_created:
+            step("delete netns", _run, ["ip", "netns", "del", self.netns])
+        if self.tmpdir and os.path.isdir(self.tmpdir):
+            self.final_diagnostics = ""
+            self.final_diagnostics = self.diagnostics(200)
+            if not self.keep_tmp:
+                step("remove temp dir", shutil.rmtree, self.tmpdir)
 
     def _undefine_all(self) -> None:
         for name in self.virsh("list", "--all", "--name").split():

@@ -353,12 +353,18 @@ class FakeDom:
         return self.uuid.upper()
 
 
-def test_undefined_after_an_outgoing_migration_keeps_the_record(tmp_path):
+def offline_enroller(tmp_path):
+    """An Enroller on the stand-in libvirt whose admin requests are recorded
+    (and answered 200) instead of sent."""
     from mdserver import config, enroll
-    cfg = config.load(write_config(tmp_path))
-    e = enroll.Enroller(cfg, FakeLibvirt)
+    e = enroll.Enroller(config.load(write_config(tmp_path)), FakeLibvirt)
     calls = []
     e._admin = lambda method, url, body=None: calls.append((method, url)) or (200, {})
+    return e, calls
+
+
+def test_undefined_after_an_outgoing_migration_keeps_the_record(tmp_path):
+    e, calls = offline_enroller(tmp_path)
     lv = FakeLibvirt
     moved, gone = uuid_mac(1)[0], uuid_mac(2)[0]
     e._lifecycle(None, FakeDom(moved), lv.VIR_DOMAIN_EVENT_STOPPED,
@@ -478,11 +484,7 @@ def test_a_failed_migration_keeps_the_record_and_a_resumed_guest_is_registered(t
     UNDEFINED): its record is the source's again, not removed. Source (or
     destination after success): RESUMED/MIGRATED registers the domain, which
     makes the record this host's."""
-    from mdserver import config, enroll
-    cfg = config.load(write_config(tmp_path))
-    e = enroll.Enroller(cfg, FakeLibvirt)
-    calls = []
-    e._admin = lambda method, url, body=None: calls.append((method, url)) or (200, {})
+    e, calls = offline_enroller(tmp_path)
     lv = FakeLibvirt
     failed, resumed = uuid_mac(1)[0], uuid_mac(2)[0]
     e._lifecycle(None, FakeDom(failed), lv.VIR_DOMAIN_EVENT_STOPPED,

@@ -11,6 +11,7 @@ libvirt side of migration is tests/test_enroll.py's).
 
 import concurrent.futures
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -78,11 +79,22 @@ class Host:
     def register(self, name, uuid, mac):
         return self.call("POST", "/instance-upload", domain_xml(name, uuid, mac).encode())
 
+    def registered(self, name, uuid, mac):
+        """register(), which must succeed: the record."""
+        status, data = self.register(name, uuid, mac)
+        assert status == 200, data
+        return json.loads(data)
+
     def records(self):
         status, data = self.call("GET", "/instances")
         assert status == 200, data
-        import json
         return json.loads(data)
+
+    def connected(self):
+        """Whether the daemon's store reports its etcd watch up."""
+        status, data = self.call("GET", "/store")
+        assert status == 200, data
+        return json.loads(data)["connected"]
 
     def dhcp_file(self, uuid):
         return self.tmp / "dnsmasq" / "dhcp-hosts" / uuid
@@ -183,14 +195,12 @@ def test_concurrent_registrations_on_three_hosts(fleet):
 def test_names_resolve_on_every_host_and_guests_are_served_by_their_host(fleet):
     etcd, hosts = fleet
     a, b, _ = hosts
-    status, _ = a.register("dns-one", uuid_of(0, 2000), mac_of(0, 2000))
-    assert status == 200
-    ip = next(r["ip"] for r in a.records() if r["name"] == "dns-one")
+    rec = a.registered("dns-one", uuid_of(0, 2000), mac_of(0, 2000))
+    ip = rec["ip"]
     wait_for(lambda: resolve(b, "dns-one.mds.test") == [ip], CATCH_UP,
              "host B's dnsmasq resolves a name registered on host A")
     rc, out, err = guest_get(a, 1, mac_of(0, 2000), ip)
-    assert rc == 0 and out == next(r["instance_id"] for r in a.records()
-                                   if r["name"] == "dns-one"), err
+    assert rc == 0 and out == rec["instance_id"], err
 
 
 def test_live_migration_keeps_identity_and_moves_service(fleet):
@@ -228,11 +238,10 @@ def test_a_host_cut_off_from_etcd_answers_from_its_cache_and_catches_up(fleet):
     etcd, hosts = fleet
     a, b, _ = hosts
     uuid, mac = uuid_of(0, 4000), mac_of(0, 4000)
-    assert a.register("steady", uuid, mac)[0] == 200
-    ip = next(r["ip"] for r in a.records() if r["uuid"] == uuid)
+    ip = a.registered("steady", uuid, mac)["ip"]
     _partition(etcd, a, up=False)
     try:
-        wait_for(lambda: a.call("GET", "/store")[1].find(b'"connected": false') >= 0, 15,
+        wait_for(lambda: not a.connected(), 15,
                  "host A notices the outage")
         rc, out, err = guest_get(a, 3, mac, ip)
         assert rc == 0 and out.startswith("i-"), err  # guests: from the cache
@@ -273,11 +282,10 @@ def test_etcd_down_everywhere_then_back(fleet):
     etcd, hosts = fleet
     a, b, c = hosts
     uuid, mac = uuid_of(2, 5000), mac_of(2, 5000)
-    assert c.register("survivor", uuid, mac)[0] == 200
-    ip = next(r["ip"] for r in c.records() if r["uuid"] == uuid)
+    ip = c.registered("survivor", uuid, mac)["ip"]
     etcd.stop_all()
     try:
-        wait_for(lambda: c.call("GET", "/store")[1].find(b'"connected": false') >= 0, 15,
+        wait_for(lambda: not c.connected(), 15,
                  "host C notices")
         rc, out, _ = guest_get(c, 4, mac, ip)
         assert rc == 0 and out.startswith("i-")
@@ -286,7 +294,7 @@ def test_etcd_down_everywhere_then_back(fleet):
     finally:
         etcd.start_all()
     for h in hosts:
-        wait_for(lambda: h.call("GET", "/store")[1].find(b'"connected": true') >= 0, CATCH_UP,
+        wait_for(h.connected, CATCH_UP,
                  f"{h.name} reconnects")
     assert c.register("late", uuid_of(2, 5001), mac_of(2, 5001))[0] == 200
     wait_for(lambda: any(r["name"] == "late" for r in a.records()), CATCH_UP,
