@@ -6,6 +6,8 @@
 #   ./scripts/run-tests.sh -m "not privileged"   # no root needed
 # Tests that need root/namespaces skip when unprivileged, unless
 # MDSERVER_REQUIRE_PRIVILEGED=1 (set in CI), which makes them fail instead.
+# Every run checks that the tests stay hermetic (tests/hermetic.py; README,
+# "Tests"); MDSERVER_HERMETIC=0 switches that off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

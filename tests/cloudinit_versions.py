@@ -265,7 +265,8 @@ def env_for(version, base=None, fetch_missing=True):
     if path:
         env["PYTHONPATH"] = path
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep the cached tree as unpacked
-    return env
+    from hermetic import hermetic_env  # the session's connect check, if on
+    return hermetic_env(env)
 
 
 _CHECK = r"""

@@ -1,4 +1,4 @@
-"""Fixtures and hooks only (helpers live in helpers.py): configs, the tier check, a host tripwire."""
+"""Fixtures and hooks only (helpers live in helpers.py): configs, the tier check, a host tripwire, the hermetic check."""
 
 import os
 import sys
@@ -8,6 +8,11 @@ import pytest
 
 from helpers import write_config
 from mdserver import config
+
+# The hermetic check (tests/hermetic.py): a connect to the host's mdserver,
+# libvirt or syslog, or to a host port no process of this run serves, fails
+# the run; MDSERVER_HERMETIC=0 switches it off.
+pytest_plugins = ["hermetic"]
 
 # Every test belongs to exactly one tier (markers registered in pyproject.toml):
 # `pytest -m unit` is the quick loop, `-m "not privileged"` needs no root.

@@ -25,6 +25,7 @@ import pytest
 from daemon import ROOT, Daemon
 from etcd_lab import EtcdLab
 from helpers import domain_xml, need, need_root, wait_for, write_config
+from hermetic import hermetic_env
 from mdserver import adminclient
 import netns
 from netns import Lab, exec_in
@@ -266,9 +267,9 @@ def test_a_host_cut_off_from_etcd_answers_from_its_cache_and_catches_up(fleet):
 
 
 def _run_hook(host, name, uuid, mac):
-    env = {"PATH": os.environ["PATH"], "MDSERVER_CONFIG": host.config,
-           "MDSERVER_HOOK_SYSLOG": str(host.tmp / "no-syslog"),
-           "MDSERVER_HOOK_DEFAULT_SOCKET": str(host.tmp / "no.sock")}
+    env = hermetic_env({"PATH": os.environ["PATH"], "MDSERVER_CONFIG": host.config,
+                        "MDSERVER_HOOK_SYSLOG": str(host.tmp / "no-syslog"),
+                        "MDSERVER_HOOK_DEFAULT_SOCKET": str(host.tmp / "no.sock")})
     t0 = time.monotonic()
     r = subprocess.run(["/usr/bin/python3", HOOK, name, "prepare", "begin", "-"],
                        input=domain_xml(name, uuid, mac).encode(), env=env,

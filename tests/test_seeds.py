@@ -15,6 +15,7 @@ import pytest
 from daemon import ROOT, Daemon
 from golden import check
 from helpers import make_instance, write_config
+from hermetic import hermetic_env
 from mdserver import adminclient, config
 from mdserver.models import InstanceSettings
 from mdserver.seeds import FORMATS, SeedImages, seed_files, seed_image
@@ -319,7 +320,7 @@ def test_only_uuids_name_images(cfg):
 # -- mdserverctl seed and password ---------------------------------------------------
 
 def ctl(path, *args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = hermetic_env(dict(os.environ, PYTHONPATH=ROOT))
     return subprocess.run([sys.executable, "-m", "mdserver.ctl", "-c", path, *args],
                           capture_output=True, timeout=60, cwd=cwd, env=env)
 
