@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler
 
 from mdserver.errors import AdminSocketTaken
+from mdserver.fsutil import make_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def claim_admin(path: str) -> AdminClaim:
     starting at once exactly one gets past the probe; the probe catches an
     owner that holds no lock (an mdserver from before the lock, another
     program)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    make_dir(os.path.dirname(path))
     fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:

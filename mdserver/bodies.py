@@ -1,13 +1,7 @@
-"""Request bodies for both listeners: read within a deadline, finished (up to a bound) before the answer goes out."""
+"""Request bodies on the admin socket: read within a deadline, finished (up to a bound) before the answer goes out."""
 
-import ipaddress
 import logging
-import os
-import socket
-import stat
-import threading
 import time
-from functools import partial
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from mdserver.domainxml import MAX_XML_BYTES
@@ -16,7 +10,7 @@ log = logging.getLogger(__name__)
 
 # -- request bodies: read to the end (up to a bound) before the answer --------
 
-# How much of a request body either listener reads and drops when the app did
+# How much of a request body a listener reads and drops when the app did
 # not read it all (a body over its route's limit, a route that takes none).
 # Closing a connection with unread data makes the kernel reset it (TCP RST;
 # ECONNRESET on a Unix socket), which destroys the answer in flight: reading
@@ -43,25 +37,15 @@ def _content_length(environ: dict) -> Optional[int]:
 
 class _Body:
     """wsgi.input that counts what was read and fails (TimeoutError) once
-    `timeout` seconds have passed since the request came.
+    `timeout` seconds have passed since the request came. The server's
+    socket times out each operation, so reads go in pieces and the deadline
+    is checked between them."""
 
-    With `cut` (granian): its input blocks until the client sends or leaves,
-    and a read in flight cannot be abandoned (granian takes the body back
-    after the app returns, holding the GIL: a read still running in another
-    thread would stop the whole worker). So at the deadline expire() calls
-    `cut`, which ends the connection's read side; the read returns short.
-    Without it (the admin server) the socket times out each operation and
-    reads go in pieces, the deadline checked between them."""
-
-    def __init__(self, raw: Any, length: Optional[int], timeout: float,
-                 cut: Optional[Callable[[], object]] = None):
-        self.raw, self.length, self.timeout, self.cut = raw, length, timeout, cut
+    def __init__(self, raw: Any, length: Optional[int], timeout: float):
+        self.raw, self.length, self.timeout = raw, length, timeout
         self.deadline = time.monotonic() + timeout
         self.count = 0
         self.ended = False
-        self._lock = threading.Lock()
-        self._reading = False
-        self._expired = False
 
     def complete(self) -> bool:
         return self.ended or (self.length is not None and self.count >= self.length)
@@ -70,8 +54,7 @@ class _Body:
         want = self._wanted(size)
         if want == 0:
             return b""
-        data = self._guarded(lambda: self.raw.read(want), want) if self.cut is not None \
-            else self._pieces(want)
+        data = self._pieces(want)
         self.count += len(data)
         self.ended = len(data) < want  # short only at the end of the body
         return data
@@ -80,8 +63,7 @@ class _Body:
         want = self._wanted(size)
         if want == 0:
             return b""
-        line = self._guarded(lambda: self.raw.readline(want), 0) if self.cut is not None \
-            else self._within(lambda: self.raw.readline(want))
+        line = self._within(lambda: self.raw.readline(want))
         self.count += len(line)
         self.ended = not line
         return line
@@ -89,29 +71,17 @@ class _Body:
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
 
-    def expire(self) -> None:
-        """The deadline (a timer thread): cut a read in flight; later reads fail."""
-        with self._lock:
-            self._expired = True
-            reading = self._reading
-        if reading and self.cut is not None:
-            self.cut()
-
     def _wanted(self, size: Optional[int]) -> int:
-        # Never past Content-Length: the admin server's socket would wait
-        # there for bytes nobody sends.
+        # Never past Content-Length: the socket would wait there for bytes
+        # nobody sends.
         left = self.length - self.count if self.length is not None else None
         if size is None or size < 0:
             return left if left is not None else DRAIN_MAX + 1
         return size if left is None else min(size, left)
 
-    def _late(self) -> TimeoutError:
-        return TimeoutError(f"not received within {self.timeout:g} s")
-
     def _within(self, read: Callable[[], bytes]) -> bytes:
-        if self._expired or time.monotonic() >= self.deadline:
-            self._expired = True
-            raise self._late()
+        if time.monotonic() >= self.deadline:
+            raise TimeoutError(f"not received within {self.timeout:g} s")
         return read()
 
     def _pieces(self, want: int) -> bytes:
@@ -125,67 +95,6 @@ class _Body:
             parts.append(part)
             got += len(part)
         return b"".join(parts)
-
-    def _guarded(self, read: Callable[[], bytes], want: int) -> bytes:
-        with self._lock:
-            if self._expired:
-                raise self._late()
-            self._reading = True
-        try:
-            data = read()
-        finally:
-            with self._lock:
-                self._reading = False
-        if self._expired and (len(data) < want or not data):
-            raise self._late()  # what the cut left of the read
-        return data
-
-
-def _same_ip(a: str, b: str) -> bool:
-    def norm(text: str) -> object:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-        mapped = getattr(ip, "ipv4_mapped", None)
-        return mapped or ip
-    try:
-        return norm(a) == norm(b)
-    except ValueError:
-        return False
-
-
-def cut_connections(peer: str, local_ip: str, local_port: int) -> int:
-    """Shut the read side of this process's TCP connections from `peer` to
-    (local_ip, local_port); how many. A read blocked on one of them ends
-    (end of file); what the server writes still goes out.
-
-    granian's environ names the peer's address but not its port, so every
-    connection of that peer to the listener is cut: a peer whose body is
-    late loses its other connections here too (idle ones, which clients
-    reopen, or, rarely, one being answered at that moment)."""
-    cut = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fd = int(name)
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            with socket.socket(fileno=os.dup(fd)) as s:
-                if s.family not in (socket.AF_INET, socket.AF_INET6) \
-                        or s.type != socket.SOCK_STREAM:
-                    continue
-                here, there = s.getsockname(), s.getpeername()  # ENOTCONN: a listener
-                if here[1] == local_port and _same_ip(here[0], local_ip) \
-                        and _same_ip(there[0], peer):
-                    s.shutdown(socket.SHUT_RD)
-                    cut += 1
-        except (OSError, ValueError):  # gone meanwhile, not connected, not a number
-            continue
-    return cut
-
-
-def _cut_request(environ: dict) -> None:
-    count = cut_connections(environ.get("REMOTE_ADDR", ""), environ.get("SERVER_NAME", ""),
-                            int(environ.get("SERVER_PORT") or 0))
-    log.debug("%s %s from %s: body late, %d connection(s) cut", environ.get("REQUEST_METHOD"),
-              environ.get("PATH_INFO"), environ.get("REMOTE_ADDR"), count)
 
 
 def _drain(body: _Body, environ: dict) -> None:
@@ -208,38 +117,25 @@ def _no_write(data: bytes) -> None:
     raise NotImplementedError("write() is not supported: return the body instead")
 
 
-def finished_bodies(app: Callable, timeout: float, cut: bool, close_header: bool) -> Callable:
-    """WSGI middleware: a request body arrives within `timeout` seconds or
-    its read fails (TimeoutError, which read_body turns into a 400); what the
-    app left of it is read before the answer goes out (see DRAIN_MAX).
-
-    `cut`: the server's input has no timeout of its own (granian): at the
-    deadline the connection is cut (cut_connections). `close_header`: say
-    Connection: close; a server that closes after each request anyway (the
-    admin one, wsgiref) must not be given that hop-by-hop header."""
+def finished_bodies(app: Callable, timeout: float) -> Callable:
+    """WSGI middleware for the admin server (wsgiref): a request body
+    arrives within `timeout` seconds or its read fails (TimeoutError, which
+    read_body turns into a 400); what the app left of it is read before the
+    answer goes out (see DRAIN_MAX). The guest listener reads bodies itself
+    (mdserver.rsgi)."""
 
     def guarded(environ: dict, start_response: Callable) -> Any:
         length = _content_length(environ)
         if length == 0:
             return app(environ, start_response)  # no body: nothing to guard
-        body = _Body(environ["wsgi.input"], length, timeout,
-                     partial(_cut_request, environ) if cut else None)
+        body = _Body(environ["wsgi.input"], length, timeout)
         environ["wsgi.input"] = body
-        if not cut:
-            return _answer(app, environ, start_response, body, close_header)
-        watchdog = threading.Timer(timeout, body.expire)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            return _answer(app, environ, start_response, body, close_header)
-        finally:
-            watchdog.cancel()
+        return _answer(app, environ, start_response, body)
 
     return guarded
 
 
-def _answer(app: Callable, environ: dict, start_response: Callable, body: _Body,
-            close_header: bool) -> Any:
+def _answer(app: Callable, environ: dict, start_response: Callable, body: _Body) -> Any:
     """The app's answer, held back until the body is finished."""
     started: List[Any] = []
 
@@ -252,10 +148,8 @@ def _answer(app: Callable, environ: dict, start_response: Callable, body: _Body,
         raise RuntimeError("the application returned without start_response")
     status, headers, exc_info = started
     if not body.complete():
+        # The server closes after each request: the rest is read first, so
+        # that the close is clean (a reset would destroy the answer in flight).
         _drain(body, environ)
-        # Kept open only when the rest was read and the answer is a success
-        # (a token PUT with a stray body); a refused body ends the connection.
-        if close_header and (not body.complete() or not status.startswith(("1", "2", "3"))):
-            headers.append(("Connection", "close"))
     start_response(status, headers, exc_info)
     return result

@@ -224,8 +224,13 @@ KEYS: Tuple[Key, ...] = (
     Key("mdserver", "access_log", _bool, "no",
         "Log one line per request at info level (costs throughput)."),
     Key("mdserver", "threads", _int_range(1, 64), "2",
-        "Python threads that run the application. The server's I/O is native and\n"
-        "needs none; more threads only contend for the GIL (docs/server-choice.md)."),
+        "Threads for guest requests that wait on the main process (registration\n"
+        "from the host, a guest's password). Others run in the worker's event loop;\n"
+        "the server's I/O is native (docs/server-choice.md)."),
+    Key("mdserver", "guest_queue", _int_range(16, 65536), "256",
+        "Requests one guest address may have waiting for its turn (guests are\n"
+        "served in turn, so a flood delays only its sender); past it, 429 with\n"
+        "Retry-After. A cloud-init crawl has one request at a time."),
     Key("mdserver", "max_connections", _int_range(64, 1048576), "4096",
         "Open guest connections served at once, idle ones included; needs as many\n"
         "file descriptors (LimitNOFILE)."),
@@ -331,6 +336,7 @@ class MdserverSection:
     ami_id: str
     access_log: bool
     threads: int
+    guest_queue: int
     max_connections: int
     header_timeout: int
     backlog: int
@@ -425,6 +431,13 @@ class _Source:
                 parser.read_file(f, source=path)
         except OSError as e:
             raise ConfigError(path, "", "", f"cannot read: {e.strerror}") from None
+        # Line numbers only, never the line: it may hold a password hash.
+        except configparser.MissingSectionHeaderError as e:
+            raise ConfigError(path, "", "",
+                              f"File contains no section headers (line {e.lineno})") from None
+        except configparser.ParsingError as e:
+            raise ConfigError(path, "", "", "cannot parse line "
+                              + ", ".join(str(n) for n, _ in e.errors)) from None
         except (configparser.Error, UnicodeDecodeError) as e:
             raise ConfigError(path, "", "", _one_line(e)) from None
         # A second, raw reading lists only the keys each section really has:
@@ -440,7 +453,8 @@ class _Source:
                     value = parser.get(section, key)
                 except configparser.Error as e:
                     raise ConfigError(path, section, key,
-                                      f"{_one_line(e)} (write a literal $ as $$)") from None
+                                      f"{_interpolation_problem(e)} (write a literal $ as $$)"
+                                      ) from None
                 if (section, key) not in self.values:
                     self.order.append((section, key))
                 self.values[(section, key)] = ("" if value is None else value.strip(), path)
@@ -448,6 +462,17 @@ class _Source:
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
+
+
+def _interpolation_problem(e: configparser.Error) -> str:
+    """What is wrong with a value's `$`, never the value (configparser's
+    message quotes it): it may be a password hash, and the line goes to the
+    journal."""
+    if isinstance(e, configparser.InterpolationMissingOptionError):
+        return f"${{{e.reference}}} refers to no key"
+    if isinstance(e, configparser.InterpolationSyntaxError):
+        return "'$' must be followed by '$' or '{'"
+    return f"cannot expand its ${{...}} references ({type(e).__name__})"
 
 
 def _include_paths(source: _Source, main: str) -> List[str]:

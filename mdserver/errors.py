@@ -89,3 +89,12 @@ class ForeignSender(Forbidden):
     where it is detected."""
 
     logged = True
+
+
+class GuestQueueFull(MdserverError):
+    """One address has more requests waiting than any guest's cloud-init makes
+    (hundreds of concurrent connections): refused with 429 and Retry-After."""
+
+    def __init__(self, client: str, waiting: int):
+        self.client, self.waiting = client, waiting
+        super().__init__(f"{waiting} requests from {client} already waiting")

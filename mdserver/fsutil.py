@@ -13,6 +13,13 @@ def safe_name(name: str) -> bool:
     return bool(SAFE_NAME.match(name)) and ".." not in name
 
 
+def make_dir(path: str) -> None:
+    """`path` and its parents if missing, never wider than 0755 whatever the
+    umask (makedirs' mode is cut by it, never widened): others must not
+    replace what mdserver keeps there (database, token key, admin socket)."""
+    os.makedirs(path or ".", mode=0o755, exist_ok=True)
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename or create inside directory `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -1,6 +1,8 @@
 """Logging set-up: stderr (the journal) or a file that SIGHUP reopens for logrotate."""
 
+import io
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -10,6 +12,14 @@ STDERR_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the journal adds the ti
 
 class ReopenableFileHandler(logging.FileHandler):
     """A file handler whose file can be reopened after logrotate moved it."""
+
+    def _open(self) -> io.TextIOWrapper:
+        # A new log file is 0640 whatever the umask (logging's own open gives
+        # 0666 less the umask): no secrets go there, but guests' names and
+        # addresses are not everyone's, and a log others can write can be forged.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o640)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def reopen(self) -> None:
         self.acquire()

@@ -15,8 +15,10 @@ from mdserver import logs
 from mdserver.adminserver import AdminClaim, claim_admin, close_admin, serve_admin
 from mdserver.bodies import finished_bodies
 from mdserver.config import Config, MdserverSection
+from mdserver.fairness import FairQueue
 from mdserver.fsutil import atomic_write
 from mdserver.notify import sd_notify
+from mdserver.rsgi import GuestListener
 from mdserver.signals import on_signals
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def port_file(admin_socket: str) -> str:
     return (stem if ext == ".sock" else admin_socket) + ".port"
 
 
-def _worker_app(cfg: Config, build: Build) -> Callable:
+def _worker_app(cfg: Config, build: Build) -> GuestListener:
     """Runs in the worker process: its logging, then the app. SIGUSR1 from
     the main process means "the database changed": refresh the replica."""
     handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
@@ -54,9 +56,9 @@ def _worker_app(cfg: Config, build: Build) -> Callable:
     on_signals({signal.SIGHUP: handler.reopen if handler is not None else (lambda: None),
                 signal.SIGUSR1: refresh})
     # granian bounds the wait for headers (header_timeout) but not for a
-    # body: the same time for the body, or one stalled client per app thread
-    # stops every guest.
-    return finished_bodies(app, cfg.mdserver.header_timeout, cut=True, close_header=True)
+    # body: the listener gives the body the same time.
+    md = cfg.mdserver
+    return GuestListener(app, FairQueue(md.guest_queue), md.header_timeout, md.threads)
 
 
 def notify_workers() -> None:
@@ -188,7 +190,7 @@ def _run(cfg: Config, admin: Callable, build: Build, on_listening: Optional[OnLi
     report = port_file(md.admin_socket)
     _remove(report)  # a stale one would name a port nobody serves
     # The admin server closes after each request: no Connection header (wsgiref refuses it).
-    admin_app = finished_bodies(admin, md.header_timeout, cut=False, close_header=False)
+    admin_app = finished_bodies(admin, md.header_timeout)
     admin_server = serve_admin(admin_app, claim, io_timeout=md.header_timeout)
     try:
         if not _wait_for_address(md.listen_address):
@@ -234,8 +236,8 @@ def _serve(cfg: Config, port: int, build: Build, log_file: _LogFile, report: str
 
     md = cfg.mdserver
     server = Server(
-        "mdserver", address=md.listen_address, port=port, interface=Interfaces.WSGI,
-        http=HTTPModes.http1, workers=1, blocking_threads=md.threads,
+        "mdserver", address=md.listen_address, port=port, interface=Interfaces.RSGI,
+        http=HTTPModes.http1, workers=1, blocking_threads=1,
         backpressure=md.max_connections, backlog=md.backlog,
         http1_settings=HTTP1Settings(header_read_timeout=md.header_timeout * 1000),
         websockets=False, log_dictconfig=GRANIAN_LOGGING, log_level=LogLevels(md.loglevel),

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from mdserver import legacy
 from mdserver.errors import NotFound, StoreConflict, StoreCorrupt, StoreFull, StoreLocked
-from mdserver.fsutil import atomic_write, fsync_dir
+from mdserver.fsutil import atomic_write, fsync_dir, make_dir
 from mdserver.models import SCHEMA_VERSION, Instance
 from mdserver.storeapi import Change, Listener, per_host
 
@@ -171,7 +171,7 @@ class Store:
 
     def _take_lock(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        make_dir(directory)
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -8,7 +8,7 @@ import time
 from typing import Callable, Optional
 
 from mdserver.errors import BadRequest, Unauthorized
-from mdserver.fsutil import atomic_write
+from mdserver.fsutil import atomic_write, make_dir
 
 MAX_TTL = 21600
 KEY_BYTES = 32
@@ -76,7 +76,7 @@ def load_or_create_key(path: str) -> bytes:
     key = read_key(path)
     if key is not None:
         return key
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_dir(os.path.dirname(os.path.abspath(path)))
     key = os.urandom(KEY_BYTES)
     atomic_write(path, key, 0o600)
     return key

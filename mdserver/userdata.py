@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import threading
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -130,11 +131,25 @@ def check_cloud_config(text: str, path: str) -> None:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
+        problem = _unquoted(getattr(e, "problem", None) or str(e))
         raise TemplateError(f"{path}: rendered #cloud-config is not valid YAML at"
                             f"{where}: {problem}") from None
     if data is not None and not isinstance(data, dict):
         raise TemplateError(f"{path}: rendered #cloud-config is not a YAML mapping")
+
+
+# PyYAML quotes what it stumbled on; an alias, anchor or tag is a piece of the
+# user-data (say a password after `*` or `!`), which must not reach the log.
+# Kept: single characters (',' or '\t') and its own token names ('<stream end>').
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_HARMLESS = re.compile(r"\\?.?|<[a-z ]+>")
+
+
+def _unquoted(problem: str) -> str:
+    def redact(m: "re.Match[str]") -> str:
+        inner = m.group(1) if m.group(1) is not None else m.group(2)
+        return m.group(0) if _HARMLESS.fullmatch(inner) else "'...'"
+    return _QUOTED.sub(redact, problem)
 
 
 def context(inst: Instance, site: Site, cfg: Config) -> Dict[str, object]:

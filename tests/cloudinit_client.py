@@ -70,6 +70,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from urllib.parse import urlparse
 
@@ -273,7 +274,10 @@ def main(argv=None):
         result = {"ok": False}
         errors = {}
         try:
+            started = time.monotonic()
             ok = bool(ds.get_data())
+            # the crawl's wall time, without interpreter start and imports
+            result["get_data_seconds"] = time.monotonic() - started
         except Exception as e:  # report; don't crash without JSON output
             log.error("get_data() raised:\n%s", traceback.format_exc())
             errors["get_data"] = _err(e)
