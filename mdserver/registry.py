@@ -1,6 +1,7 @@
 """Host-side use cases: register a domain, remove, list; keeps the registration sinks in step."""
 
 import logging
+import random
 import threading
 import time
 import zlib
@@ -182,9 +183,14 @@ class Registry:
                     record, current = self._register(info, pending)
                 break
             except StoreConflict as e:
-                # The store now shows the other writer's change: plan again.
+                # The store now shows the other writer's change: plan again,
+                # searching from a random place: two hosts whose searches met
+                # would otherwise keep wanting each other's next address
+                # (seen: one registration losing 8 races in a row).
                 if attempt == ATTEMPTS - 1:
                     raise
+                with self._lock:
+                    self._cursor = self.pool.first + random.randrange(max(1, self.pool.size))
                 log.info("%s (%s): %s; planning again", info.name, info.uuid, e)
         if current is None:
             verb = "registered"

@@ -167,7 +167,8 @@ def test_concurrent_registrations_on_three_hosts(fleet):
         results = list(pool.map(lambda j: (j, j[0].register(*j[1:])), jobs))
     ok = [(j, r) for j, r in results if r[0] == 200]
     refused = [(j, r) for j, r in results if r[0] != 200]
-    assert len(ok) == 310, [r for _, r in refused][:5]
+    unexpected = [(j[1], r) for j, r in refused if not j[1].startswith("shared")]
+    assert len(ok) == 310, unexpected or [r for _, r in refused][:5]
     assert all(r[0] == 409 and b"held by" in r[1] for _, r in refused), refused[:5]
     assert len(refused) == 20  # each shared name: one winner, two refusals
     for h in hosts:  # every cache has every record
