@@ -88,7 +88,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         host = store.host
         registry = Registry(cfg, store, [DnsmasqFiles(cfg, host=host),
                                          SeedImages(cfg.seeds.dir, views, host=host)],
-                            on_change=server.notify_workers, check=template_problem(views))
+                            check=template_problem(views))
         registry.sync()
         if args.demo:
             demo.register_demo(store)

@@ -223,6 +223,10 @@ KEYS: Tuple[Key, ...] = (
     Key("mdserver", "ami_id", _text, "ami-00000000", "ami-id and the identity document's imageId."),
     Key("mdserver", "access_log", _bool, "no",
         "Log one line per request at info level (costs throughput)."),
+    Key("mdserver", "workers", _int_range(0, 16), "0",
+        "Worker processes that answer guests, each with its own copy of the\n"
+        "database (kept current before every answer) and ~25 MB. 0: half the\n"
+        "host's CPUs, 1 to 4, leaving the rest to the guests (docs/BENCHMARKS.md)."),
     Key("mdserver", "threads", _int_range(1, 64), "2",
         "Threads for guest requests that wait on the main process (registration\n"
         "from the host, a guest's password). Others run in the worker's event loop;\n"
@@ -335,6 +339,7 @@ class MdserverSection:
     instance_type: str
     ami_id: str
     access_log: bool
+    workers: int
     threads: int
     guest_queue: int
     max_connections: int

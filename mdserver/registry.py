@@ -60,7 +60,7 @@ class Registry:
         self.host = store.host
         self.sinks = list(sinks)
         self.clock = clock
-        self.on_change = on_change  # tells the guest-facing worker to refresh
+        self.on_change = on_change  # after each change has reached the sinks
         # What is wrong with an instance's user-data (None: nothing), so a
         # failing template is seen at registration, before any guest asks.
         self.check = check

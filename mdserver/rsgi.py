@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 Headers = List[Tuple[str, str]]
 Answer = Tuple[int, Headers, bytes]
+# (method, path, client address, token header) -> an answer, or None for the app
+Fast = Callable[[str, str, str, Optional[str]], Optional[Answer]]
 
 # How long a refused address stays unlogged (one line per flood, not per request).
 REFUSAL_LOG_INTERVAL = 10.0
@@ -111,15 +113,20 @@ class GuestListener:
     up to DRAIN_MAX (so a body over a route's limit is read whole and the
     client reads its 413), before the request queues for its turn: waiting
     costs no thread, and a slow sender holds nothing but its own connection.
-    The app runs in the loop's thread (its work is CPU only) except POSTs,
+    `catch_up` brings the worker's replica up to date before each answer;
+    `fast` answers the hot GETs without the app (mdserver.fastpath) when it
+    can. The app runs in the loop's thread (its work is CPU only) except POSTs,
     which are relayed to the main process over the admin socket and wait for
     it: those run in `relay_threads` threads.
     """
 
     def __init__(self, app: Callable, queue: FairQueue, body_timeout: float,
-                 relay_threads: int, clock: Callable[[], float] = time.monotonic,
+                 relay_threads: int, fast: Optional[Fast] = None,
+                 catch_up: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic,
                  handoff_every: int = HANDOFF_EVERY, handoff: Callable[[], None] = _hand_over_gil):
-        self.app, self.queue, self.body_timeout = app, queue, body_timeout
+        self.app, self.queue, self.body_timeout, self.fast = app, queue, body_timeout, fast
+        self.catch_up = catch_up
         self.handoff_every, self.handoff = handoff_every, handoff
         self._answered = 0
         self.relays = ThreadPoolExecutor(relay_threads, thread_name_prefix="relay")
@@ -172,6 +179,13 @@ class GuestListener:
         except GuestQueueFull as e:
             self._log_refusal(remote, e)
             return _plain(429, str(e), [("Retry-After", RETRY_AFTER)])
+        # Every write acknowledged before this request, in every worker.
+        self.catch_up()
+        if self.fast is not None and not body:
+            answer = self.fast(scope.method, scope.path, remote,
+                               scope.headers.get("x-aws-ec2-metadata-token"))
+            if answer is not None:
+                return answer
         environ = wsgi_environ(self._base_for(scope), scope, remote, body)
         if scope.method == "POST":
             loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional
 
 from mdserver import logs
 from mdserver.adminserver import AdminClaim, claim_admin, close_admin, serve_admin
@@ -20,6 +20,9 @@ from mdserver.fsutil import atomic_write
 from mdserver.notify import sd_notify
 from mdserver.rsgi import GuestListener
 from mdserver.signals import on_signals
+
+if TYPE_CHECKING:
+    from mdserver.wiring import GuestApp
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,9 @@ GRANIAN_LOGGING = {
     },
 }
 
-# What the worker process builds: the guest app and its replica-refresh function.
-Build = Callable[[Config], Tuple[Callable, Callable[[], object]]]
+# What each worker process builds: the guest app, its replica's catch-up
+# and its fast path (wiring.build_guest_app).
+Build = Callable[[Config], "GuestApp"]
 # Told (host, port) once guests are served there.
 OnListening = Callable[[str, int], None]
 
@@ -49,23 +53,27 @@ def port_file(admin_socket: str) -> str:
 
 
 def _worker_app(cfg: Config, build: Build) -> GuestListener:
-    """Runs in the worker process: its logging, then the app. SIGUSR1 from
-    the main process means "the database changed": refresh the replica."""
+    """Runs in each worker process: its logging, then the app. The replica
+    catches up with the store before every answer (no signal needed: a
+    write is visible to every worker once it is acknowledged)."""
     handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
-    app, refresh = build(cfg)
-    on_signals({signal.SIGHUP: handler.reopen if handler is not None else (lambda: None),
-                signal.SIGUSR1: refresh})
+    guest = build(cfg)
+    on_signals({signal.SIGHUP: handler.reopen if handler is not None else (lambda: None)})
     # granian bounds the wait for headers (header_timeout) but not for a
     # body: the listener gives the body the same time.
     md = cfg.mdserver
-    return GuestListener(app, FairQueue(md.guest_queue), md.header_timeout, md.threads)
+    return GuestListener(guest.app, FairQueue(md.guest_queue), md.header_timeout, md.threads,
+                         fast=guest.fast, catch_up=guest.catch_up)
 
 
-def notify_workers() -> None:
-    """Main process: tell the guest-facing worker the database changed."""
-    for child in multiprocessing.active_children():
-        if child.pid is not None:
-            os.kill(child.pid, signal.SIGUSR1)
+def default_workers(cpus: Optional[int] = None) -> int:
+    """`workers = 0`: half the CPUs this process may use, 1 to 4. Measured on
+    2 cores (docs/BENCHMARKS.md): a second worker nearly doubles what a flood
+    gets, and takes the CPU another guest's crawl needs; on a hypervisor the
+    guests need the cores more than the metadata service does."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    return max(1, min(4, cpus // 2))
 
 
 def address_is_local(host: str) -> bool:
@@ -183,10 +191,10 @@ def _run(cfg: Config, admin: Callable, build: Build, on_listening: Optional[OnLi
             if child.pid is not None:
                 os.kill(child.pid, signal.SIGHUP)
 
-    # First, so that every later thread, and the worker process, has both
-    # blocked: the worker takes SIGUSR1 itself, and must not die of one that
+    # First, so that every later thread, and the worker processes, have it
+    # blocked: a worker takes SIGHUP itself, and must not die of one that
     # arrives before it is ready for it.
-    on_signals({signal.SIGHUP: reopen_everywhere, signal.SIGUSR1: lambda: None})
+    on_signals({signal.SIGHUP: reopen_everywhere})
     report = port_file(md.admin_socket)
     _remove(report)  # a stale one would name a port nobody serves
     # The admin server closes after each request: no Connection header (wsgiref refuses it).
@@ -237,7 +245,7 @@ def _serve(cfg: Config, port: int, build: Build, log_file: _LogFile, report: str
     md = cfg.mdserver
     server = Server(
         "mdserver", address=md.listen_address, port=port, interface=Interfaces.RSGI,
-        http=HTTPModes.http1, workers=1, blocking_threads=1,
+        http=HTTPModes.http1, workers=md.workers or default_workers(), blocking_threads=1,
         backpressure=md.max_connections, backlog=md.backlog,
         http1_settings=HTTP1Settings(header_read_timeout=md.header_timeout * 1000),
         websockets=False, log_dictconfig=GRANIAN_LOGGING, log_level=LogLevels(md.loglevel),

@@ -12,6 +12,7 @@ from mdserver import legacy
 from mdserver.errors import NotFound, StoreConflict, StoreCorrupt, StoreFull, StoreLocked
 from mdserver.fsutil import atomic_write, fsync_dir, make_dir
 from mdserver.models import SCHEMA_VERSION, Instance
+from mdserver.sharedrev import SharedRevision
 from mdserver.storeapi import Change, Listener, per_host
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,17 @@ class Store:
         # once, tried again at the next commit, logged again once it works.
         self._compact_failing = False
         self._idx = _Index(host)
+        # The writer's revision, shared with the replicas (catch_up).
+        self.revision_path = path + ".rev"
+        self._shared: Optional[SharedRevision] = None
         if writable:
             self._take_lock()
         try:
             self._reload()
             if writable and self._journal is None:
                 self._open_journal()
+            if writable:
+                self._shared = SharedRevision.create(self.revision_path, self._idx.rev)
         except BaseException:
             self.close()  # a refused database keeps no lock (nor its file system busy)
             raise
@@ -284,6 +290,20 @@ class Store:
                 self._replay(self._idx, f.read())
             return self._entries != before
 
+    def catch_up(self) -> None:
+        """Read-only replica, before each guest request: refresh if the
+        writer's revision moved. A read of shared memory, so every request
+        sees every write acknowledged before it, in every worker, for the
+        price of a comparison (a stat when the writer has not started yet)."""
+        shared = self._shared
+        if shared is None:
+            shared = self._shared = SharedRevision.open(self.revision_path)
+            if shared is None:
+                self.refresh()
+                return
+        if shared.get() != self._idx.rev:
+            self.refresh()
+
     # -- reads -----------------------------------------------------------------
 
     def by_ip(self, ip: str) -> Optional[Instance]:
@@ -365,6 +385,8 @@ class Store:
                 self._idx.put(inst)
             self._offset += len(data)
             self._entries += 1
+            if self._shared is not None:
+                self._shared.set(self._idx.rev)
             if self._entries >= max(MIN_COMPACT, len(self)):
                 self._try_compact()
             changes = [Change(old, self._idx.by_uuid.get(u)) for u, old in before.items()
@@ -458,6 +480,9 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            if self._shared is not None:
+                self._shared.close()
+                self._shared = None
             if self._journal is not None:
                 os.close(self._journal)
                 self._journal = None

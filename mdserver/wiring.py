@@ -1,11 +1,12 @@
 """The wiring the daemon and mdserverctl share: views, the metadata service, the guest app."""
 
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 from mdserver import adminclient
 from mdserver import config as configmod
 from mdserver.errors import ConfigError, TemplateError
+from mdserver.fastpath import FastPath
 from mdserver.models import Instance
 from mdserver.neighbours import IdentityCheck, kernel_identity_check
 from mdserver.service import MetadataService, Views, fresh_seed
@@ -31,7 +32,16 @@ def build_service(cfg: configmod.Config, store: InstanceStore,
     return MetadataService(cfg, store, signer, build_views(cfg), identity)
 
 
-def build_guest_app(cfg: configmod.Config) -> Tuple[Callable, Callable[[], object]]:
+class GuestApp(NamedTuple):
+    """What a server worker runs: the guest-facing WSGI app, its replica's
+    catch-up (before each request), and the fast path for hot GETs (None
+    with the access log on: the app writes those lines)."""
+    app: Callable
+    catch_up: Callable[[], None]
+    fast: Optional[FastPath]
+
+
+def build_guest_app(cfg: configmod.Config) -> GuestApp:
     """In the server worker: a read-only replica of the store (its local
     file, or this host's etcd cache) and the guest-facing app; uploads go to
     the main process over the admin socket."""
@@ -39,13 +49,15 @@ def build_guest_app(cfg: configmod.Config) -> Tuple[Callable, Callable[[], objec
     md = cfg.mdserver
     replica = open_replica(cfg)
     identity = kernel_identity_check(cfg.dnsmasq.network) if md.check_mac else None
+    service = build_service(cfg, replica, identity=identity)
     app = web.metadata_app(
-        build_service(cfg, replica, identity=identity), access_log=md.access_log,
+        service, access_log=md.access_log,
         upload=partial(adminclient.request, md.admin_socket, "POST", "/instance-upload"),
         host_addresses={"127.0.0.1", "::1", md.listen_address},
         password=lambda uuid, blob: adminclient.request(
             md.admin_socket, "POST", f"/instances/{uuid}/password", blob))
-    return app, replica.refresh
+    return GuestApp(app, replica.catch_up,
+                    None if md.access_log else FastPath(service))
 
 
 def read_vendor_data(path: Optional[str]) -> Optional[str]:

@@ -174,7 +174,8 @@ def test_disk_full_during_compaction_keeps_the_journal(tmp_path, caplog, monkeyp
             assert len(s) == 5 and s.by_name("vm5") is not None
             assert len(lines(caplog, logging.ERROR, "cannot compact")) == 1
             assert not os.path.exists(s.path)  # no snapshot yet, and no temp files
-            assert sorted(os.listdir(fs)) == ["db.json.journal", "db.json.lock", "filler"]
+            assert sorted(os.listdir(fs)) == ["db.json.journal", "db.json.lock", "db.json.rev",
+                                              "filler"]
             with open(s.journal_path) as f:
                 assert len(f.read().splitlines()) == 5
             replica = Store(s.path, writable=False)

@@ -110,10 +110,12 @@ WRITTEN: List[Tuple[str, Tuple[str, ...], str, int]] = [
     ("database", ("state/db.json",), FILE, 0o640),
     ("database journal", ("state/db.json.journal",), FILE, 0o640),
     ("database lock", ("state/db.json.lock",), FILE, 0o600),
+    ("database revision", ("state/db.json.rev",), FILE, 0o640),
     ("md_server 0.6 backup", ("state/db.json.md_server-0.6.bak",), FILE, 0o640),
     ("etcd cache", ("state/etcd-cache.json",), FILE, 0o640),
     ("etcd cache journal", ("state/etcd-cache.json.journal",), FILE, 0o640),
     ("etcd cache lock", ("state/etcd-cache.json.lock",), FILE, 0o600),
+    ("etcd cache revision", ("state/etcd-cache.json.rev",), FILE, 0o640),
     ("token key", ("state/imds-token.key",), FILE, 0o600),
     ("seed directory", ("state/seeds",), DIR, 0o711),
     ("seed images", ("state/seeds/*.iso",), FILE, 0o600),
@@ -417,7 +419,8 @@ def test_store_files_under_any_umask(tmp_path, umask):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "state").iterdir()}
     widest = {"etcd-cache.json": 0o640, "etcd-cache.json.journal": 0o640,
-              "etcd-cache.json.lock": 0o600, "old.json.md_server-0.6.bak": 0o640}
+              "etcd-cache.json.lock": 0o600, "etcd-cache.json.rev": 0o640,
+              "old.json.md_server-0.6.bak": 0o640}
     for name, mode in widest.items():
         assert name in modes and modes[name] & ~mode == 0, (name, oct(modes[name]))
 

@@ -191,6 +191,34 @@ def test_read_only_replica_follows_the_writer(tmp_path, monkeypatch):
     writer.close()
 
 
+def test_replica_catches_up_from_the_shared_revision_alone(tmp_path, monkeypatch):
+    """catch_up() reads the writer's revision from shared memory and refreshes
+    only when it moved: every commit is seen at the next call, through
+    compactions, and a replica opened before any writer falls back to a stat."""
+    monkeypatch.setattr(storemod, "MIN_COMPACT", 3)
+    path = str(tmp_path / "db.json")
+    early = Store(path, writable=False)  # no writer yet: no shared revision
+    early.catch_up()
+    writer = Store(path)
+    replica = Store(path, writable=False)
+    refreshes = []
+    real = replica.refresh
+    monkeypatch.setattr(replica, "refresh", lambda: refreshes.append(1) or real())
+    for n in range(1, 10):  # through several compactions
+        writer.put(make_instance(n))
+        replica.catch_up()
+        early.catch_up()
+        assert replica.by_name(f"vm{n}") is not None and early.by_name(f"vm{n}") is not None
+    assert len(refreshes) == 9
+    for _ in range(5):
+        replica.catch_up()  # nothing new: no refresh, not even a stat
+    assert len(refreshes) == 9
+    assert oct(os.stat(writer.revision_path).st_mode & 0o777) == "0o640"
+    writer.close()
+    replica.close()
+    early.close()
+
+
 def test_replica_ignores_a_line_still_being_written(tmp_path):
     writer = Store(str(tmp_path / "db.json"))
     writer.put(make_instance(1))
