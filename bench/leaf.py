@@ -19,7 +19,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
-from conftest import make_instance  # noqa: E402
+from helpers import make_instance  # noqa: E402
 from server_candidates import LEAF_PATH, Managed, free_port, run_wrk, start_nginx, wait_ready  # noqa: E402
 
 from mdserver.store import Store  # noqa: E402

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from conftest import make_instance  # noqa: E402
+from helpers import make_instance  # noqa: E402
 
 from mdserver.fsutil import atomic_write  # noqa: E402
 from mdserver.store import Store  # noqa: E402

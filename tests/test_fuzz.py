@@ -44,6 +44,7 @@ from mdserver import config, web
 from mdserver.config import RESERVED_TEMPLATE_NAMES
 from mdserver.domainxml import CLOUD_INIT_META_KEYS
 from mdserver.faces import ec2, openstack
+from mdserver.fastpath import FastPath
 from mdserver.models import NETWORK_MODES, ROUTES
 from mdserver.registry import Registry
 from mdserver.store import Store
@@ -533,6 +534,28 @@ def test_no_500_and_errors_are_one_plain_line(world, tokens, data):
 def check_no_500(req: Request, status: int, headers, body: bytes) -> None:
     assert status < 500, body
     assert_plain_error(status, headers, body, req.method)
+
+
+@fuzz_settings(400)
+@given(data=st.data())
+def test_the_fast_path_answers_as_the_app_or_not_at_all(world, tokens, data):
+    """mdserver.fastpath answers hot GETs without the framework: whatever the
+    request, its answer (when it gives one) is the app's, byte for byte."""
+    req = data.draw(requests(world, ("A", "A", "B", "C", "unknown")))
+    req.ip = resolve(req.ip)
+    # the path as granian's RSGI scope gives it: %XX decoded, UTF-8 (invalid: U+FFFD)
+    path = req.path_info.encode("latin-1").decode("utf-8", "replace")
+    token = req.headers.get("X-aws-ec2-metadata-token") or \
+        next((v for k, v in req.headers.items() if k.lower() == "x-aws-ec2-metadata-token"), None)
+    fast = FastPath(world.service)(req.method.upper(), path, req.ip, token)
+    if fast is None:
+        return
+    status, headers, body = send(world, req)
+    assert fast[0] == status == 200, (fast[0], status)
+    assert dict(fast[1]) == dict(headers)
+    assert fast[2] == body or req.method.upper() == "HEAD"
+    assert not leaked(world, req.ip, req.text(), fast[1], fast[2])
+    restore_password(world)
 
 
 # -- property 2: no other guest's data ---------------------------------------

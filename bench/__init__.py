@@ -1,0 +1,1 @@
+"""mdserver's benchmark suite: `python -m bench` (docs/BENCHMARKS.md)."""
