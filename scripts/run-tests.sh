@@ -28,11 +28,16 @@ die() { echo "run-tests: $*" >&2; exit 1; }
 # service (localhost:2379, started on install where an init system runs) is
 # never used by the tests. nftables (nft): the hop-limit rule set, loaded only
 # into the namespaces the tests create. wrk: one guest's flood in the fairness
-# test (tests/test_fairness_guests.py).
+# test (tests/test_fairness_guests.py) and the benchmark suite's load.
+# nginx-light: the benchmark suite's reference server (tests/test_bench.py runs
+# `python -m bench --quick`, which starts an nginx of its own, own config, in a
+# namespace of its own; the package's service, started on install where an
+# init system runs, is never used).
 apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
               libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables
               systemd qemu-utils mmdebstrap e2fsprogs openssh-client openssl
-              xorriso genisoimage libvirt-dev pkg-config etcd-server etcd-client nftables wrk)
+              xorriso genisoimage libvirt-dev pkg-config etcd-server etcd-client nftables wrk
+              nginx-light)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()
