@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from mdserver.bodies import DRAIN_MAX
 from mdserver.errors import GuestQueueFull
 from mdserver.fairness import FairQueue
+from mdserver.looptick import LoopTick
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,12 @@ class GuestListener:
     def __init__(self, app: Callable, queue: FairQueue, body_timeout: float,
                  relay_threads: int, fast: Optional[Fast] = None,
                  catch_up: Callable[[], None] = lambda: None,
+                 tick: Optional[LoopTick] = None,
                  clock: Callable[[], float] = time.monotonic,
                  handoff_every: int = HANDOFF_EVERY, handoff: Callable[[], None] = _hand_over_gil):
         self.app, self.queue, self.body_timeout, self.fast = app, queue, body_timeout, fast
         self.catch_up = catch_up
+        self.tick = tick
         self.handoff_every, self.handoff = handoff_every, handoff
         self._answered = 0
         self.relays = ThreadPoolExecutor(relay_threads, thread_name_prefix="relay")
@@ -138,7 +141,8 @@ class GuestListener:
         return self.__rsgi__(scope, proto)
 
     def __rsgi_init__(self, loop: Any) -> None:
-        pass
+        if self.tick is not None:
+            self.tick.attach(loop)
 
     def __rsgi_del__(self, loop: Any) -> None:
         self.relays.shutdown(wait=False)

@@ -63,7 +63,7 @@ def _worker_app(cfg: Config, build: Build) -> GuestListener:
     # body: the listener gives the body the same time.
     md = cfg.mdserver
     return GuestListener(guest.app, FairQueue(md.guest_queue), md.header_timeout, md.threads,
-                         fast=guest.fast, catch_up=guest.catch_up)
+                         fast=guest.fast, catch_up=guest.catch_up, tick=guest.tick)
 
 
 def default_workers(cpus: Optional[int] = None) -> int:

@@ -7,6 +7,7 @@ from mdserver import adminclient
 from mdserver import config as configmod
 from mdserver.errors import ConfigError, TemplateError
 from mdserver.fastpath import FastPath
+from mdserver.looptick import LoopTick
 from mdserver.models import Instance
 from mdserver.neighbours import IdentityCheck, kernel_identity_check
 from mdserver.service import MetadataService, Views, fresh_seed
@@ -35,10 +36,12 @@ def build_service(cfg: configmod.Config, store: InstanceStore,
 class GuestApp(NamedTuple):
     """What a server worker runs: the guest-facing WSGI app, its replica's
     catch-up (before each request), and the fast path for hot GETs (None
-    with the access log on: the app writes those lines)."""
+    with the access log on: the app writes those lines), and the turn of
+    the worker's event loop the identity check is made once in."""
     app: Callable
     catch_up: Callable[[], None]
     fast: Optional[FastPath]
+    tick: LoopTick
 
 
 def build_guest_app(cfg: configmod.Config) -> GuestApp:
@@ -48,7 +51,8 @@ def build_guest_app(cfg: configmod.Config) -> GuestApp:
     from mdserver import web
     md = cfg.mdserver
     replica = open_replica(cfg)
-    identity = kernel_identity_check(cfg.dnsmasq.network) if md.check_mac else None
+    tick = LoopTick()
+    identity = kernel_identity_check(cfg.dnsmasq.network, tick) if md.check_mac else None
     service = build_service(cfg, replica, identity=identity)
     app = web.metadata_app(
         service, access_log=md.access_log,
@@ -57,7 +61,7 @@ def build_guest_app(cfg: configmod.Config) -> GuestApp:
         password=lambda uuid, blob: adminclient.request(
             md.admin_socket, "POST", f"/instances/{uuid}/password", blob))
     return GuestApp(app, replica.catch_up,
-                    None if md.access_log else FastPath(service))
+                    None if md.access_log else FastPath(service), tick)
 
 
 def read_vendor_data(path: Optional[str]) -> Optional[str]:
