@@ -39,8 +39,7 @@ class Views:
 
     def userdata(self, inst: Instance) -> Tuple[str, str]:
         """(template used, rendered user-data) for `inst`, or TemplateError."""
-        ctx = userdata.context(inst, self.site, self.cfg)
-        return self.templates.render(inst, ctx)
+        return self.templates.render(inst, lambda: userdata.context(inst, self.site, self.cfg))
 
     def __call__(self, inst: Instance) -> InstanceView:
         return make_view(inst, self.site, inst.settings.password or self.cfg.mdserver.password,

@@ -3,8 +3,10 @@
 import logging
 import os
 import re
+import stat
 import threading
-from typing import Dict, List, Mapping, Optional, Tuple
+import time
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import yaml
 from bottle import SimpleTemplate
@@ -41,17 +43,34 @@ ssh_pwauth: true
 % end
 """
 
+# Rendered user-data kept per instance (a boot storm's worth; each is a few KB).
+MAX_RENDERED = 1024
+# A directory changed this recently may change again within its mtime's
+# granularity unseen: its listing is not trusted until it is older.
+RACY_SECONDS = 2.0
+Stamp = Optional[Tuple[int, int, int]]  # (inode, mtime ns, size) of a template file
+
+
 class Templates:
     """Finds and renders templates; each file is compiled once and again
-    only when it changes on disk."""
+    only when it changes on disk, and an instance's rendered text is kept
+    until the instance's record or its template changes (the context is
+    built from the record and the configuration, both unchanging)."""
 
     def __init__(self, userdata_dir: str, suffixes: Tuple[str, ...],
-                 default_template: Optional[str]):
+                 default_template: Optional[str], clock: Callable[[], float] = time.time):
         self.userdata_dir = userdata_dir
         self.suffixes = suffixes
         self.default_template = default_template
-        self._compiled: Dict[str, Tuple[tuple, SimpleTemplate]] = {}
+        self._clock = clock
+        self._compiled: Dict[str, Tuple[Stamp, SimpleTemplate]] = {}
         self._builtin = SimpleTemplate(BUILTIN_TEMPLATE)
+        # uuid -> (record, template path, its stamp, checked text)
+        self._rendered: Dict[str, Tuple[Instance, str, Stamp, str]] = {}
+        # (directory's stamp, names in it): most candidates do not exist, and
+        # a stat that fails costs an exception; one stat of the directory
+        # tells whether the listing is still current.
+        self._listing: Tuple[Stamp, FrozenSet[str]] = (None, frozenset())
         self._lock = threading.Lock()
 
     def candidates(self, inst: Instance) -> List[str]:
@@ -71,32 +90,55 @@ class Templates:
             out.append(self.default_template)
         return out
 
-    def choose(self, inst: Instance) -> Tuple[str, SimpleTemplate]:
-        """The first template that exists for `inst`: (path or BUILTIN_NAME, template)."""
+    def choose(self, inst: Instance) -> Tuple[str, Stamp, SimpleTemplate]:
+        """The first template that exists for `inst`: (path or BUILTIN_NAME, its stamp, template)."""
         # Templates someone asked for by name: a missing one is worth a warning.
         named = {self.default_template}
         if inst.settings.template:
             named.add(os.path.join(self.userdata_dir, inst.settings.template))
+        listed = self._names()
         for path in self.candidates(inst):
-            template = self._load(path)
-            if template is not None:
-                return path, template
+            found = None
+            if listed is None or os.path.dirname(path) != self.userdata_dir \
+                    or os.path.basename(path) in listed:
+                found = self._load(path)
+            if found is not None:
+                return (path,) + found
             if path in named:
                 log.warning("instance %s: template %s does not exist; trying the next",
                             inst.name, path)
-        return BUILTIN_NAME, self._builtin
+        return BUILTIN_NAME, None, self._builtin
 
-    def _load(self, path: str) -> Optional[SimpleTemplate]:
+    def _names(self) -> Optional[FrozenSet[str]]:
+        """The names in userdata_dir, or None when they cannot be trusted (stat every candidate)."""
+        try:
+            st = os.stat(self.userdata_dir)
+        except OSError:
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        listing = self._listing
+        if listing[0] == stamp:
+            return listing[1]
+        try:
+            names = frozenset(os.listdir(self.userdata_dir))
+        except OSError:
+            return None
+        if self._clock() - st.st_mtime < RACY_SECONDS:
+            return names  # current now, but not to be kept
+        self._listing = (stamp, names)
+        return names
+
+    def _load(self, path: str) -> Optional[Tuple[Stamp, SimpleTemplate]]:
         try:
             st = os.stat(path)
         except OSError:
             return None
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             return None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._compiled.get(path)
         if cached is not None and cached[0] == stamp:
-            return cached[1]
+            return cached
         try:
             with open(path, encoding="utf-8") as f:
                 source = f.read()
@@ -106,18 +148,30 @@ class Templates:
             raise TemplateError(f"{path}: {e}") from None
         with self._lock:
             self._compiled[path] = (stamp, template)
-        return template
+        return stamp, template
 
-    def render(self, inst: Instance, context: Mapping[str, object]) -> Tuple[str, str]:
-        """(template path, checked text) for `inst`, or TemplateError."""
-        path, template = self.choose(inst)
+    def render(self, inst: Instance,
+               context: Union[Mapping[str, object], Callable[[], Mapping[str, object]]]) \
+            -> Tuple[str, str]:
+        """(template path, checked text) for `inst`, or TemplateError.
+        `context`: the names the template sees, or a function that builds
+        them (called only when the text is not kept from before)."""
+        path, stamp, template = self.choose(inst)
+        kept = self._rendered.get(inst.uuid)
+        if kept is not None and kept[0] is inst and kept[1] == path and kept[2] == stamp:
+            return path, kept[3]
+        names = context() if callable(context) else context
         try:
             # One mapping, not keywords: a name from `meta` may be `self`,
             # render()'s own parameter (TypeError: multiple values).
-            text = template.render(context)
+            text = template.render(names)
         except Exception as e:  # a template is code: any error is the template's
             raise TemplateError(f"{path}: {type(e).__name__}: {e}") from None
         check_cloud_config(text, path)
+        with self._lock:
+            if len(self._rendered) >= MAX_RENDERED:  # the oldest goes
+                del self._rendered[next(iter(self._rendered))]
+            self._rendered[inst.uuid] = (inst, path, stamp, text)
         return path, text
 
 

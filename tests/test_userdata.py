@@ -124,6 +124,52 @@ def test_recompiled_when_file_changes(tmp_path):
     assert render(cfg, t, make_instance(4))[1] == "#!/bin/sh\necho two, longer\n"
 
 
+def counted_context(cfg, inst, calls):
+    def build():
+        calls.append(inst.uuid)
+        return userdata.context(inst, Site.from_config(cfg), cfg)
+    return build
+
+
+def test_rendered_text_kept_until_record_or_template_changes(tmp_path):
+    cfg, _ = setup(tmp_path)
+    # A clock far past every mtime: directory listings are kept.
+    t = userdata.Templates(cfg.mdserver.userdata_dir, cfg.mdserver.userdata_suffixes,
+                           cfg.mdserver.default_template, clock=lambda: time.time() + 60)
+    inst, calls = make_instance(4), []
+    first = t.render(inst, counted_context(cfg, inst, calls))
+    assert t.render(inst, counted_context(cfg, inst, calls)) == first and len(calls) == 1
+    # The record replaced (any change to an instance makes a new record): rendered again.
+    again = make_instance(4)
+    assert t.render(again, counted_context(cfg, again, calls)) == first and len(calls) == 2
+    # A template of its own appears: it is used at once.
+    path = write(tmp_path, "vm4", "#!/bin/sh\necho {{hostname}}\n")
+    assert t.render(again, counted_context(cfg, again, calls)) == (path, "#!/bin/sh\necho vm4\n")
+    # ... edited in place (the directory does not change): the new text.
+    write(tmp_path, "vm4", "#!/bin/sh\necho {{hostname}} two\n")
+    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
+    assert t.render(again, counted_context(cfg, again, calls))[1] == "#!/bin/sh\necho vm4 two\n"
+    # ... and removed: back to the built-in one.
+    os.unlink(path)
+    assert t.render(again, counted_context(cfg, again, calls)) == first
+    assert len(calls) == 5
+
+
+def test_recent_directory_is_listed_again(tmp_path):
+    """A file created within the directory's mtime granularity leaves its\n    stamp as it was: a directory changed less than RACY_SECONDS ago is\n    listed again at every request."""
+    cfg, _ = setup(tmp_path)
+    d = cfg.mdserver.userdata_dir
+    mtime = os.stat(d).st_mtime_ns
+    now = [mtime / 1e9 + userdata.RACY_SECONDS / 2]
+    t = userdata.Templates(d, cfg.mdserver.userdata_suffixes, cfg.mdserver.default_template,
+                           clock=lambda: now[0])
+    inst = make_instance(4)
+    assert render(cfg, t, inst)[0] == userdata.BUILTIN_NAME
+    path = write(tmp_path, "vm4", "#!/bin/sh\n")
+    os.utime(d, ns=(mtime, mtime))  # the same stamp as when it was listed
+    assert render(cfg, t, inst)[0] == path
+
+
 def test_invalid_cloud_config_is_an_error_with_line(tmp_path):
     cfg, t = setup(tmp_path)
     write(tmp_path, "vm4", "#cloud-config\nhostname: {{hostname}}\nruncmd:\n  - [a, b\n"
