@@ -1,6 +1,7 @@
 """python -m bench: the benchmark suite of issue 11 (docs/BENCHMARKS.md).
 
-    python -m bench [--quick] [--json PATH] [--only a,b,...] [--plots DIR] [--markdown FILE]
+    python -m bench [--quick] [--workers N] [--json PATH] [--only a,b,...] [--plots DIR]
+                    [--markdown FILE]
 
 Needs root (network namespaces), nginx, wrk, iproute2 and /usr/bin/python3;
 installs nothing: it says what is missing and exits with status 2. Exit
@@ -51,6 +52,9 @@ def parse(argv):
                                                    "`bench` extra); default beside --markdown")
     ap.add_argument("--markdown", metavar="FILE",
                     help="write the results section of this file (docs/BENCHMARKS.md)")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="mdserver's [mdserver] workers (default 0: the daemon's own default, "
+                         "half the CPUs); the bare callable runs as many")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, raw "
                                                           "outputs) and print its path")
     args = ap.parse_args(argv)
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
               + "\n  ".join(lacking), file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
-    plan = Plan.make(args.quick, args.only)
+    plan = Plan.make(args.quick, args.only, args.workers)
     started, wall = time.monotonic(), time.time()
     workdir = tempfile.mkdtemp(prefix="mdserver-bench-")
     os.chmod(workdir, 0o755)  # nginx's worker (nobody) reads its files under it

@@ -45,9 +45,10 @@ class Plan:
     registrations: int                # (h), per size
     hook_runs: int                    # (i)
     starts: int                       # (k), with the files present
+    workers: int = 0                  # mdserver's [mdserver] workers (0: its default)
 
     @classmethod
-    def make(cls, quick: bool, only: Sequence[str]) -> "Plan":
+    def make(cls, quick: bool, only: Sequence[str], workers: int = 0) -> "Plan":
         if quick:
             p = cls(quick=True, only=tuple(only), sizes=(100,), serving_size=100,
                     connections=(16,), seconds=2, warmup=0.5, scenarios_ae=("a",),
@@ -59,6 +60,7 @@ class Plan:
                     scenarios_ae=("a", "b", "c", "d", "e"), crawl_rounds=20,
                     storms=(100, 500), storm_rounds=3, registrations=200, hook_runs=10,
                     starts=3)
+        p.workers = workers
         if only:
             p.scenarios_ae = tuple(s for s in p.scenarios_ae if s in only)
         return p

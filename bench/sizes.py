@@ -32,7 +32,7 @@ def start(b: Bench, size: int) -> mdserverd.Daemon:
     the dnsmasq files), memory; the daemon is left running."""
     d = b.path(f"db-{size}")
     os.makedirs(d)
-    conf = mdserverd.write_config(d)
+    conf = mdserverd.write_config(d, workers=str(b.plan.workers))
     b.settings = mdserverd.settings(conf)
     built = mdserverd.build_database(d, size)
     daemon = mdserverd.Daemon(conf, b.lab.host, os.path.join(d, "mdserver.log"))
