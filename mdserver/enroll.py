@@ -42,6 +42,7 @@ import time
 from typing import Any, Dict, Optional, Set, Tuple
 from urllib.parse import quote
 
+from mdserver import __version__
 from mdserver import adminclient, domainxml, logs, pruning, routes
 from mdserver import config as configmod
 from mdserver.errors import BadDomainXML, ConfigError, DaemonUnavailable, MdserverError
@@ -344,14 +345,20 @@ def _event_loop(libvirt: Any) -> None:
         libvirt.virEventRunDefaultImpl()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    """The command line (also the source of its man page and completion)."""
+    p = argparse.ArgumentParser(
         prog="mdserver-enroll",
         description="Give libvirt domains on mdserver's network their route and register "
                     "them (a process apart from the mdserver daemon).")
-    parser.add_argument("config", nargs="?", default=configmod.DEFAULT_PATH,
-                        help=f"configuration file (default {configmod.DEFAULT_PATH})")
-    args = parser.parse_args(argv)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("config", nargs="?", default=configmod.DEFAULT_PATH,
+                   help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         cfg = configmod.load(args.config)
     except ConfigError as e:
