@@ -1,6 +1,7 @@
 """Plain records: an instance and its per-instance settings, with their DB form."""
 
 import re
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional, Tuple
 
@@ -44,6 +45,14 @@ class InstanceSettings:
         )
 
 
+NO_SETTINGS = InstanceSettings()
+
+
+def _shared_settings(d: Optional[Mapping[str, Any]]) -> InstanceSettings:
+    settings = InstanceSettings.from_dict(d) if d else NO_SETTINGS
+    return NO_SETTINGS if settings == NO_SETTINGS else settings
+
+
 @dataclass(frozen=True)
 class Instance:
     """One registered libvirt domain, keyed by its UUID."""
@@ -81,19 +90,25 @@ class Instance:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Instance":
+        # Every process keeps every record (10,000 on a big host): values
+        # most records share (arch, host, empty settings, a hostname equal
+        # to the name) are kept once, not once per record as parsed.
+        name = d["name"]
+        hostname = d["hostname"]
+        settings = d.get("settings")
         return cls(
             uuid=d["uuid"],
-            name=d["name"],
+            name=name,
             mac=d["mac"],
             ipv4=d["ipv4"],
-            hostname=d["hostname"],
+            hostname=name if hostname == name else hostname,
             first_seen=float(d["first_seen"]),
             last_seen=float(d["last_seen"]),
-            arch=d.get("arch", "x86_64"),
-            settings=InstanceSettings.from_dict(d.get("settings") or {}),
+            arch=sys.intern(str(d.get("arch", "x86_64"))),
+            settings=_shared_settings(settings),
             password_blob=d.get("password_blob"),
             route_pending=bool(d.get("route_pending", False)),
-            host=str(d.get("host", "")),
+            host=sys.intern(str(d.get("host", ""))),
         )
 
     def updated(self, **changes: Any) -> "Instance":
