@@ -5,6 +5,7 @@ import logging
 import sys
 from typing import List, Optional, Tuple
 
+from mdserver import __version__
 from mdserver import demo, logs
 from mdserver import config as configmod
 from mdserver.adminserver import AdminClaim, claim_admin
@@ -46,20 +47,31 @@ def take_ownership(cfg: Config) -> Tuple[InstanceStore, AdminClaim]:
         raise
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line (also the source of its man page and bash completion)."""
+    p = argparse.ArgumentParser(
+        prog="mdserver",
+        description="EC2-compatible metadata service for libvirt guests: serves each "
+                    "registered guest its metadata and user-data on the metadata address "
+                    "(EC2, OpenStack and NoCloud), keeps dnsmasq's files for its address and "
+                    "name, and takes registrations on the admin socket.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("config", nargs="?", default=configmod.DEFAULT_PATH,
+                   help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    p.add_argument("--demo", metavar="STATE_DIR",
+                   help="run a self-contained demo on 127.0.0.1:%d with its state "
+                        "in STATE_DIR (the config argument is ignored)" % demo.DEMO_PORT)
+    p.add_argument("--port", type=int, metavar="PORT",
+                   help="with --demo: its port instead of %d (0: any free port)"
+                        % demo.DEMO_PORT)
+    return p
+
+
 def daemon_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mdserver", description="EC2-compatible metadata service for libvirt guests.")
-    parser.add_argument("config", nargs="?", default=configmod.DEFAULT_PATH,
-                        help=f"configuration file (default {configmod.DEFAULT_PATH})")
-    parser.add_argument("--demo", metavar="STATE_DIR",
-                        help="run a self-contained demo on 127.0.0.1:%d with its state "
-                             "in STATE_DIR (the config argument is ignored)" % demo.DEMO_PORT)
-    parser.add_argument("--port", type=int, metavar="PORT",
-                        help="with --demo: its port instead of %d (0: any free port)"
-                             % demo.DEMO_PORT)
-    args = parser.parse_args(argv)
+    cmdline = parser()
+    args = cmdline.parse_args(argv)
     if args.port is not None and not args.demo:
-        parser.error("--port goes with --demo (otherwise [mdserver] port sets it)")
+        cmdline.error("--port goes with --demo (otherwise [mdserver] port sets it)")
     if args.demo:
         path = demo.write_demo(args.demo, demo.DEMO_PORT if args.port is None else args.port)
     else:

@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 from urllib.parse import quote
 
-from mdserver import adminclient, hoplimit, pruning
+from mdserver import __version__
+from mdserver import adminclient, domains, hoplimit, pruning, status as statusmod
 from mdserver import config as configmod
 from mdserver.wiring import EXIT_CONFIG, build_views, template_problem
 from mdserver.errors import ConfigError, DaemonUnavailable, MdserverError, TemplateError
@@ -21,14 +22,25 @@ from mdserver.seeds import FORMATS as SEED_FORMATS, seed_image
 from mdserver.service import fresh_seed
 from mdserver.store import Store
 from mdserver.stores import open_replica, replica_path
+from mdserver.timefmt import for_people, local_iso
 from mdserver.tokens import read_key
 from mdserver.view import derived_seed
 
 COLUMNS = ("name", "ip", "mac", "uuid", "hostname", "route", "userdata")
+LONG_COLUMNS = ("first_seen", "last_seen")
+# How the admin API's record marks a route that waits for a cold boot
+# (registry.record_json); the state column says it from libvirt instead.
+PENDING_MARK = " (pending: next cold boot)"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdserverctl", description="Administer mdserver.")
+def parser() -> argparse.ArgumentParser:
+    """The command line (also the source of its man page and bash completion)."""
+    parser = argparse.ArgumentParser(
+        prog="mdserverctl",
+        description="Administer mdserver: its instances (list, show, register, remove, "
+                    "prune), their user-data, seed images, passwords and routes, the "
+                    "instance store, and whether the host serves guests well (status).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-c", "--config", default=configmod.DEFAULT_PATH,
                         help=f"configuration file (default {configmod.DEFAULT_PATH})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,23 +48,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("file", nargs="?", help="file to check (default: --config)")
     p = sub.add_parser("userdata", help="print the user-data an instance would get")
     p.add_argument("instance", help="instance name, UUID, MAC or IPv4 address")
-    p = sub.add_parser("list", help="list instances")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("show", help="show one instance")
+    p = sub.add_parser(
+        "list", help="list instances, with their route and state",
+        description="List the instances, each with its route and its state as libvirt "
+                    "([libvirt] uri) has it: registered; pending: next cold boot (the "
+                    "definition has a route the running guest does not have yet); not "
+                    "defined (libvirt no longer has the domain: see prune); other host "
+                    "(a shared registry: another hypervisor's); unknown (libvirt could "
+                    "not be asked: one line on standard error says why).")
+    p.add_argument("--long", action="store_true",
+                   help="also when each instance was first and last registered (local time)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON: the records with their state; times in epoch seconds")
+    p = sub.add_parser("show", help="show one instance, with its state")
     p.add_argument("instance", help="instance name, UUID, MAC or IPv4 address")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="JSON: the record with its state; times in epoch seconds")
     p = sub.add_parser("register", help="register a domain from its XML (virsh dumpxml)")
     p.add_argument("file", help="domain XML file, or - for standard input")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p = sub.add_parser("remove", help="remove an instance (its address is freed)")
     p.add_argument("instance", help="instance name or UUID")
     p.add_argument("--any-host", action="store_true",
                    help="also an instance another hypervisor owns (shared registry)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p = sub.add_parser("prune", help="list (with --yes remove) instances libvirt no longer has")
     p.add_argument("--yes", action="store_true", help="remove them")
     p.add_argument("--connect", metavar="URI", help="libvirt URI for virsh (default: virsh's)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p = sub.add_parser(
         "seed", help="write an instance's seed image (ISO), as the daemon makes it",
         description="Write the config drive or NoCloud seed image of an instance, made from "
@@ -98,6 +121,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--apply", action="store_true",
                    help="with a domain: define it with the route applied and register it, "
                         "as mdserver-enroll does (it takes effect at the next cold boot)")
+    p = sub.add_parser(
+        "status", help="is everything well? one line per check, and how to fix each problem",
+        description="Check the daemon (admin socket, guests served), the metadata address "
+                    "on the bridge, dnsmasq (running, from mdserver's mds.conf, serving DHCP "
+                    "and DNS), the enroller (systemd's view of mdserver-enroll) and the "
+                    "store. One line per check: ok, problem (with the command that fixes "
+                    "it on the next line) or unknown (could not be told). Exit 0 when no "
+                    "check has a problem, 1 otherwise. Run it as root to see dnsmasq's "
+                    "sockets.")
+    p.add_argument("--json", action="store_true",
+                   help='JSON: {"ok": ..., "checks": [{"check", "verdict", "detail", "fix"}]}')
     sub.add_parser("nft", help="print the nftables rule set for [mdserver] hop_limit "
                                "(mdserver.service loads it: `mdserverctl nft | nft -f -`)")
     p = sub.add_parser("store", help="the instance store: status, or migrate a local "
@@ -105,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     q = store_sub.add_parser("status", help="backend, endpoints, revision, cache age, "
                                             "records per host")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="JSON instead of lines")
     q = store_sub.add_parser(
         "migrate", help="copy this host's local database into etcd ([store] endpoints)",
         description="Copy every record of db_file into the etcd registry named by [store] "
@@ -113,8 +147,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "any address, name or UUID already held there by another instance; "
                     "records already there unchanged are skipped. Then set [store] backend "
                     "= etcd and restart mdserver.")
-    q.add_argument("--to", choices=("etcd",), required=True)
-    args = parser.parse_args(argv)
+    q.add_argument("--to", choices=("etcd",), required=True, help="the backend to copy into")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
     try:
         if args.command == "check-config":
             return check_config(args.file or args.config)
@@ -170,25 +208,44 @@ def _records(cfg: configmod.Config) -> List[dict]:
 
 
 def _cell(record: dict, column: str) -> str:
-    value = str(record.get(column, "-"))
+    value = record.get(column, "-")
+    if column in LONG_COLUMNS:
+        return local_iso(value) if isinstance(value, (int, float)) else str(value)
+    value = str(value)
+    if column == "route" and "state" in record and value.endswith(PENDING_MARK):
+        return value[:-len(PENDING_MARK)]  # the state column says it
     # the whole error is in show and --json; the table only flags it
     return "ERROR" if column == "userdata" and value.startswith("error") else value
 
 
-def _print(records, as_json: bool) -> None:
+def _print(records, as_json: bool, extra: Tuple[str, ...] = ()) -> None:
     if as_json:
         print(json.dumps(records, indent=1))
         return
-    # A shared registry: which hypervisor owns each instance.
-    columns = COLUMNS + ("host",) if len({r.get("host") for r in records}) > 1 else COLUMNS
+    # `extra` columns (times, the state: words with spaces) after the
+    # single-word ones; a shared registry's host (who owns each instance) last.
+    columns = COLUMNS + extra + (("host",) if len({r.get("host") for r in records}) > 1 else ())
     rows = [[_cell(r, c) for c in columns] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
     for row in [[c.upper() for c in columns]] + rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
+def _with_states(cfg: configmod.Config, records: List[dict],
+                 uuids: Optional[List[str]] = None) -> List[dict]:
+    """`records` with the state libvirt gives each (domains.state_of);
+    libvirt out of reach: one line on standard error, every state unknown."""
+    try:
+        survey: Optional[domains.Survey] = domains.survey(cfg.libvirt.uri, uuids)
+    except MdserverError as e:
+        print(f"mdserverctl: libvirt: {e}: states unknown", file=sys.stderr)
+        survey = None
+    return [dict(r, state=domains.state_of(r, survey, cfg.store.host)) for r in records]
+
+
 def list_(cfg, args) -> int:
-    _print(_records(cfg), args.json)
+    _print(_with_states(cfg, _records(cfg)), args.json,
+           (LONG_COLUMNS if args.long else ()) + ("state",))
     return 0
 
 
@@ -199,13 +256,23 @@ def show(cfg, args) -> int:
         print(f"mdserverctl: {e}; reading {replica_path(cfg)}", file=sys.stderr)
         inst = open_replica(cfg).find(args.instance)
         record = describe(inst, cfg.libvirt.route, template_problem(build_views(cfg))(inst))
+    record = _with_states(cfg, [record], [record["uuid"]])[0]
     if args.json:
         print(json.dumps(record, indent=1))
     else:
+        record = for_people(record)
         width = max(len(k) for k in record)
         for key, value in record.items():
             print(f"{key.ljust(width)}  {value}")
     return 0
+
+
+def status(cfg: configmod.Config, args) -> int:
+    from mdserver import probes
+    verdicts = statusmod.judge(probes.gather(cfg))
+    render = statusmod.render_json if args.json else statusmod.render_text
+    sys.stdout.write(render(verdicts))
+    return 0 if statusmod.healthy(verdicts) else 1
 
 
 def _write(cfg, method: str, url: str, body: Optional[bytes] = None) -> dict:
@@ -325,13 +392,7 @@ def password(cfg: configmod.Config, args) -> int:
 
 def _libvirt_domain(cfg: configmod.Config, key: str):
     """(connection, domain) for a name or UUID, through [libvirt] uri."""
-    from mdserver.enroll import load_libvirt
-    libvirt = load_libvirt()
-    libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are raised here
-    try:
-        conn = libvirt.open(cfg.libvirt.uri)
-    except libvirt.libvirtError as e:
-        raise MdserverError(f"cannot connect to {cfg.libvirt.uri}: {e}") from None
+    libvirt, conn = domains.open_libvirt(cfg.libvirt.uri)
     for lookup in (conn.lookupByName, conn.lookupByUUIDString):
         try:
             return libvirt, conn, lookup(key)
@@ -457,8 +518,9 @@ def nft(cfg: configmod.Config, args) -> int:
     return 0
 
 
-COMMANDS = {"nft": nft, "store": store, "userdata": userdata, "list": list_, "show": show, "register": register,
-            "remove": remove, "prune": prune, "seed": seed, "password": password, "route": route}
+COMMANDS = {"nft": nft, "store": store, "userdata": userdata, "list": list_, "show": show,
+            "register": register, "remove": remove, "prune": prune, "seed": seed,
+            "password": password, "route": route, "status": status}
 
 
 if __name__ == "__main__":

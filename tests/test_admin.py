@@ -20,9 +20,17 @@ U1, M1 = "ec200001-aaaa-4bbb-8ccc-000000000001", "52:54:00:00:00:01"
 U2, M2 = "ec200002-aaaa-4bbb-8ccc-000000000002", "52:54:00:00:00:02"
 
 
+def libvirt_out_of_reach(tmp_path) -> str:
+    """[libvirt] uri on a socket nothing listens on: `list` and `show` then
+    say so in one line and show every state as unknown, and never ask the
+    host's libvirt (test_ctl_list.py has the states from libvirt)."""
+    return f"[libvirt]\nuri = qemu+unix:///system?socket={tmp_path}/no-libvirt.sock\n"
+
+
 @pytest.fixture
 def md(tmp_path):
-    path = write_config(tmp_path, NET, listen_address="127.0.0.1", port=0)
+    path = write_config(tmp_path, NET + libvirt_out_of_reach(tmp_path),
+                        listen_address="127.0.0.1", port=0)
     d = Daemon(path).wait_ready()
     d.path, d.tmp = path, tmp_path
     yield d
@@ -84,10 +92,14 @@ def test_mdserverctl_lifecycle(md, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["ip"] == "127.77.0.2"
     assert ctl(md, "register", "-", stdin=domain_xml("vm1", U1, M1)).returncode == 0
-    table = ctl(md, "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "IP", "MAC", "UUID", "HOSTNAME", "ROUTE", "USERDATA"]
+    listed = ctl(md, "list")
+    table = listed.stdout.splitlines()
+    assert table[0].split() == ["NAME", "IP", "MAC", "UUID", "HOSTNAME", "ROUTE", "USERDATA",
+                                "STATE"]
     assert [line.split()[0] for line in table[1:]] == ["vm1", "vm2"]
-    assert [line.split()[-2:] for line in table[1:]] == [["openstack", "ok"]] * 2
+    assert [line.split()[-3:] for line in table[1:]] == [["openstack", "ok", "unknown"]] * 2
+    assert listed.stderr.startswith("mdserverctl: libvirt: cannot connect to qemu+unix://")
+    assert listed.stderr.count("\n") == 1
     shown = json.loads(ctl(md, "show", "127.77.0.2", "--json").stdout)
     assert shown["name"] == "vm2" and "password" in shown and "$" not in json.dumps(shown)
     assert "vm2" in ctl(md, "show", "vm2").stdout
@@ -184,7 +196,7 @@ def test_a_failing_template_is_seen_at_registration_and_in_list_and_show(md):
     assert "vm1 (%s): user-data fails" % U1 in md.output()
     ctl(md, "register", "-", stdin=domain_xml("vm2", U2, M2))
     rows = [line.split() for line in ctl(md, "list").stdout.splitlines()[1:]]
-    assert [(r[0], r[-1]) for r in rows] == [("vm1", "ERROR"), ("vm2", "ok")]
+    assert [(r[0], r[-2]) for r in rows] == [("vm1", "ERROR"), ("vm2", "ok")]
     assert "no_such_name" in ctl(md, "show", "vm1").stdout
     md.stop()  # read from the database, the same verdict
     shown = json.loads(ctl(md, "show", "vm1", "--json").stdout)

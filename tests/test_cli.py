@@ -201,3 +201,11 @@ def test_route_outputs_survive_libvirts_parser(tmp_path):
             plan = routes.plan(dumped, route, f"/var/lib/mdserver/seeds/{facts.uuid}.iso")
             assert not plan.changed, f"{name} {route}: {plan.changes}"
             assert routes.existing_route(dumped) == routes.existing_route(text)
+
+
+def test_version_of_each_command():
+    from mdserver import __version__
+    r = run_cli("daemon_main", "--version")
+    assert (r.returncode, r.stdout) == (0, f"mdserver {__version__}\n"), r.stderr
+    r = run_cli("ctl_main", "--version")
+    assert (r.returncode, r.stdout) == (0, f"mdserverctl {__version__}\n"), r.stderr
