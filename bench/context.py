@@ -45,6 +45,10 @@ class Plan:
     registrations: int                # (h), per size
     hook_runs: int                    # (i)
     starts: int                       # (k), with the files present
+    # (a)-(e) at the targets' connection count: A B C this many times in
+    # turn, each server's median run reported (one 5 s run of each moved
+    # the ratios by up to 0.15 between runs on this 2-core machine).
+    target_rounds: int = 1
     workers: int = 0                  # mdserver's [mdserver] workers (0: its default)
 
     @classmethod
