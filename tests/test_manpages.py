@@ -33,7 +33,8 @@ def outdir(tmp_path_factory):
 
 
 def test_pages_render_without_warnings(outdir):
-    need(shutil.which("groff") is not None, "needs groff (groff-base)")
+    if shutil.which("groff") is None:  # a skip even in CI: the brief's "if groff is there"
+        pytest.skip("needs groff (apt-get install groff-base)")
     for command in COMMANDS:
         page = outdir / f"{command}.8"
         r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
