@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from mdserver import __version__
-from mdserver import demo, logs
+from mdserver import demo, logs, metrics
 from mdserver import config as configmod
 from mdserver.adminserver import AdminClaim, claim_admin
 from mdserver.config import Config
@@ -82,7 +82,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"mdserver: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
+    logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile, cfg.mdserver.log_format)
     for warning in cfg.warnings:
         log.warning("%s", warning)
     from mdserver import server, web
@@ -92,23 +92,37 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     except (MdserverError, OSError) as e:
         log.error("%s", e)
         return 1
+    metrics_dir = metrics.directory_for(cfg.mdserver.admin_socket)
     try:
+        # Ours now that the admin socket is: every process of this daemon
+        # counts in its own file there (the workers too, which inherit this).
+        metrics.prepare_directory(metrics_dir)
+        metrics.use_directory(metrics_dir)
+        counts = metrics.HostMetrics()
+        if hasattr(store, "on_watch_lag"):  # etcd's watch
+            setattr(store, "on_watch_lag", counts.watch_lagged)
         # Seeds and the registration check see what guests will: the same
         # views, with each instance's random seed fixed (seed images are
         # rewritten only when their content changes).
         views = build_views(cfg, derived_seed(load_or_create_key(cfg.mdserver.token_key_file)))
         host = store.host
-        registry = Registry(cfg, store, [DnsmasqFiles(cfg, host=host),
-                                         SeedImages(cfg.seeds.dir, views, host=host)],
-                            check=template_problem(views))
+        registry = Registry(cfg, store, [DnsmasqFiles(cfg, host=host, metrics=counts),
+                                         SeedImages(cfg.seeds.dir, views, host=host,
+                                                    metrics=counts)],
+                            check=template_problem(views), metrics=counts)
         registry.sync()
         if args.demo:
             demo.register_demo(store)
-        return server.run(cfg, web.admin_app(registry), build_guest_app,
-                          on_listening=demo.print_hints if args.demo else None, claim=claim)
+        enroll = metrics.EnrollReports()
+        scrape = metrics.Exposition(metrics_dir, metrics.Sources(
+            store, enroll, cfg.mdserver.workers or server.default_workers()))
+        return server.run(cfg, web.admin_app(registry, scrape, enroll), build_guest_app,
+                          on_listening=demo.print_hints if args.demo else None, claim=claim,
+                          scrape=scrape)
     except (MdserverError, OSError) as e:
         log.error("%s", e)
         return 1
     finally:
         store.close()
+        metrics.remove_directory(metrics_dir)
         claim.release()  # last: the socket file is gone by now (server.run removed it)

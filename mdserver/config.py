@@ -21,6 +21,7 @@ CRYPT_HASH = re.compile(r"^\$(1|2a|2y|5|6)(\$[^$:\s]+){2,3}$")
 HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 ENTRY_KINDS = ("base", "prefix", "domain", "fqdn")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Keys of md_server 0.6 that mdserver does not use: a file that has them
@@ -175,6 +176,31 @@ def _optional_path(text: str) -> Optional[str]:
     return _optional_text(text)
 
 
+def _listen(text: str) -> Optional[Tuple[str, int]]:
+    """`host:port` or `[v6]:port` with an IP address, never a wildcard nor a
+    link-local one (the metadata link); empty: None. Checked against the
+    guests' addresses in build()."""
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9169)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:9169")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if address.is_unspecified:
+        raise ValueError(f"{host} is a wildcard: it would also answer on the guests' "
+                         "addresses; give a host-only address such as 127.0.0.1")
+    if address.is_link_local:
+        raise ValueError(f"{host} is link-local, the guests' metadata link")
+    return str(address), _int_range(0, 65535)(port)
+
+
 # -- the table ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -195,6 +221,10 @@ KEYS: Tuple[Key, ...] = (
         "starts (the bridge comes up later): mdserver binds it anyway."),
     Key("mdserver", "loglevel", _choice(*LOG_LEVELS), "info",
         "Log level: debug, info, warning, error or critical."),
+    Key("mdserver", "log_format", _choice(*LOG_FORMATS), "text",
+        "text: one line per event, its stable fields (instance, uuid, ip, face,\n"
+        "status, ...) appended as key=value; json: one JSON object per line with\n"
+        "time, level, logger, message and those fields."),
     Key("mdserver", "logfile", _optional_path, "",
         "Log file, reopened on SIGHUP (logrotate). Empty: log to stderr (the journal)."),
     Key("mdserver", "userdata_dir", _path, "/etc/mdserver/userdata",
@@ -296,6 +326,11 @@ KEYS: Tuple[Key, ...] = (
     Key("store", "username", _optional_text, "", "etcd user (etcd's auth enabled). Empty: none."),
     Key("store", "password_file", _optional_path, "",
         "File holding that user's password (kept out of this file and of logs)."),
+    Key("metrics", "listen", _listen, "",
+        "HOST:PORT of a host-only Prometheus listener (GET /metrics), e.g.\n"
+        "127.0.0.1:9169 or [::1]:9169; never a wildcard, the metadata address or an\n"
+        "address on the guests' network. Port 0: any free port (logged). Empty: no\n"
+        "listener; the admin socket's GET /metrics answers either way."),
     Key("dnsmasq", "base_dir", _path, "/var/lib/mdserver/dnsmasq",
         "Directory for the generated dnsmasq configuration."),
     Key("dnsmasq", "user", _text, "mdserver", "User dnsmasq runs as (so mdserver can signal it)."),
@@ -316,7 +351,7 @@ KEYS: Tuple[Key, ...] = (
         "Empty: the host's resolvers (/etc/resolv.conf)."),
 )
 KEY_TABLE: Dict[Tuple[str, str], Key] = {(k.section, k.name): k for k in KEYS}
-SECTIONS = ("mdserver", "dnsmasq", "libvirt", "seeds", "store")
+SECTIONS = ("mdserver", "dnsmasq", "libvirt", "seeds", "store", "metrics")
 FREE_SECTIONS = ("public-keys", "template-data")
 INCLUDE = "_include_"
 
@@ -350,6 +385,7 @@ class MdserverSection:
     vendor_data: Optional[str]
     check_mac: bool = True
     hop_limit: int = 1
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -357,6 +393,11 @@ class LibvirtSection:
     route: str
     uri: str = "qemu:///system"
     enroll: str = "new"
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: Optional[Tuple[str, int]] = None  # (address, port) of the host-only listener
 
 
 @dataclass(frozen=True)
@@ -409,6 +450,7 @@ class Config:
     path: str = ""
     warnings: Tuple[str, ...] = field(default=(), compare=False)
     store: StoreSection = StoreSection(host="localhost")
+    metrics: MetricsSection = MetricsSection()
 
 
 # Names the user-data context defines itself; [template-data] may not shadow them.
@@ -570,8 +612,11 @@ def build(values: Mapping[Tuple[str, str], Tuple[str, str]],
         os.path.join(os.path.dirname(md["db_file"]), "seeds")
     store = _store(base, {k.name: get("store", k.name) for k in KEYS if k.section == "store"},
                    origin_of)
+    metrics = MetricsSection(listen=get("metrics", "listen"))
+    _check_metrics(metrics, md["listen_address"], dnsmasq, origin_of)
     return Config(
         store=store,
+        metrics=metrics,
         mdserver=MdserverSection(**md),
         dnsmasq=dnsmasq,
         libvirt=LibvirtSection(route=get("libvirt", "route"), uri=get("libvirt", "uri"),
@@ -625,6 +670,22 @@ def _store(base: str, st: Dict[str, Any], origin: Callable[[str, str], str]) -> 
         raise ConfigError(origin("store", "endpoints"), "store", "endpoints",
                           "TLS files are set but an endpoint is http://; use https://")
     return StoreSection(**st)
+
+
+def _check_metrics(metrics: MetricsSection, listen_address: str, dn: DnsmasqSection,
+                   origin: Callable[[str, str], str]) -> None:
+    """The metrics listener is never where guests can reach it."""
+    if metrics.listen is None:
+        return
+    host = ipaddress.ip_address(metrics.listen[0])
+    problem = None
+    if host == ipaddress.ip_address(listen_address):
+        problem = f"{host} is the metadata address ([mdserver] listen_address): guests reach it"
+    elif host.version == 4 and (host in dn.network or host == ipaddress.IPv4Address(dn.gateway)):
+        problem = f"{host} is on the guests' network {dn.network}: guests reach it"
+    if problem:
+        raise ConfigError(origin("metrics", "listen"), "metrics", "listen",
+                          problem + "; give a host-only address such as 127.0.0.1")
 
 
 def _check_network(dn: DnsmasqSection, origin: Callable[[str, str], str]) -> None:

@@ -6,8 +6,10 @@ import os
 import signal
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
+from mdserver import logs
 from mdserver.config import Config, DnsmasqSection
 from mdserver.fsutil import atomic_write
+from mdserver.metrics import HostMetrics
 from mdserver.models import Instance
 
 log = logging.getLogger(__name__)
@@ -135,9 +137,12 @@ class DnsmasqFiles:
     the fleet, DHCP entries only those of this host.
     """
 
+    name = "dnsmasq"  # its label in metrics
+
     def __init__(self, cfg: Config, kill: Callable[[int, int], None] = signal_dnsmasq,
-                 host: Optional[str] = None):
+                 host: Optional[str] = None, metrics: Optional[HostMetrics] = None):
         self.cfg = cfg
+        self.metrics = metrics
         self.host = host
         self.dn = cfg.dnsmasq
         self.base = self.dn.base_dir
@@ -157,8 +162,10 @@ class DnsmasqFiles:
                     return False
         except FileNotFoundError:
             pass
-        # 0644: dnsmasq reads these after dropping to its own user.
-        atomic_write(path, data, 0o644)
+        # 0644: dnsmasq reads these after dropping to its own user. Not
+        # fsynced: sync() rewrites them from the database at every start,
+        # before dnsmasq is started.
+        atomic_write(path, data, 0o644, durable=False)
         return True
 
     def _exists(self, path: str) -> bool:
@@ -232,12 +239,19 @@ class DnsmasqFiles:
         except ProcessLookupError:
             return False
         except PermissionError:
+            if self.metrics is not None:
+                self.metrics.dnsmasq_reload(False)
             if self._refused != pid:
                 log.error("cannot signal dnsmasq (pid %d): is it running as [dnsmasq] user "
-                          "%s?", pid, self.dn.user)
+                          "%s?", pid, self.dn.user,
+                          extra=logs.fields(event="dnsmasq-reload-failed", pid=pid))
                 self._refused = pid
             return False
+        if self.metrics is not None:
+            self.metrics.dnsmasq_reload(True)
         if self._refused is not None:
             log.info("dnsmasq (pid %d) takes signals again", pid)
             self._refused = None
+        log.info("dnsmasq (pid %d) told to re-read its host files", pid,
+                 extra=logs.fields(event="dnsmasq-reload", pid=pid))
         return True

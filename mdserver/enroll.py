@@ -46,6 +46,7 @@ from mdserver import __version__
 from mdserver import adminclient, domainxml, logs, pruning, routes
 from mdserver import config as configmod
 from mdserver.errors import BadDomainXML, ConfigError, DaemonUnavailable, MdserverError
+from mdserver.metrics import EnrollCounts
 from mdserver.notify import sd_notify
 
 log = logging.getLogger("mdserver.enroll")
@@ -81,6 +82,11 @@ class Enroller:
         self.reported: Set[Tuple[str, str]] = set()  # (uuid, problem) logged once
         self.admin_down = False  # mdserver did not answer: sync again once it does
         self.store_down = False  # its shared store did not (503): the same
+        # Its metrics, pushed to the daemon (POST /metrics/enroll) whenever
+        # they changed: the enroller has no listener of its own (its unit
+        # allows no network), and the daemon is what Prometheus scrapes.
+        self.counts = EnrollCounts()
+        self.push_metrics = True
 
     # -- admin socket ----------------------------------------------------------
 
@@ -167,8 +173,10 @@ class Enroller:
         if not plan.changed:
             return xml
         conn.defineXML(plan.xml)
+        self.counts.edited()
         for change in plan.changes:
-            log.info("%s: route %s: %s", name, route, change)
+            log.info("%s: route %s: %s", name, route, change,
+                     extra=logs.fields(instance=name, uuid=uuid, event="route-applied"))
         return dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_INACTIVE)
 
     def remove(self, uuid: str) -> None:
@@ -177,8 +185,9 @@ class Enroller:
             return
         status, data = self._admin("DELETE", _url(uuid))
         if status == 200:
-            log.info("%s: undefined: instance %s removed", uuid, data.get("name", "")
-                     if isinstance(data, dict) else "")
+            name = data.get("name", "") if isinstance(data, dict) else ""
+            log.info("%s: undefined: instance %s removed", uuid, name,
+                     extra=logs.fields(instance=name or None, uuid=uuid, event="removed"))
         elif status != 404:
             log.warning("%s: undefined, but not removed: %s", uuid, data)
 
@@ -225,8 +234,10 @@ class Enroller:
                     self._guarded(self._admin, "GET", "/instances")  # answers: sync queued
                 elif self.store_down and self.conn is not None:
                     self._guarded(self._store_back)
+                self._push()
                 continue
             if item is None:
+                self._push()
                 return
             kind, arg = item
             conn = self.conn
@@ -238,6 +249,24 @@ class Enroller:
                 self.migrated[arg] = time.monotonic()
             elif kind == "undefined":
                 self._guarded(self.remove, arg)
+            self._push()
+
+    def _push(self) -> None:
+        """The counts to the daemon, if they changed since it last took them.
+        A daemon that does not answer gets them with a later push."""
+        report = self.counts.unsent() if self.push_metrics else None
+        if report is None:
+            return
+        try:
+            status, data = adminclient.request(self.cfg.mdserver.admin_socket, "POST",
+                                               "/metrics/enroll", json.dumps(report).encode())
+        except (MdserverError, OSError):
+            return
+        if status == 200:
+            self.counts.sent(report)
+        elif status in (404, 405):  # a daemon from before metrics
+            self.push_metrics = False
+            log.info("mdserver takes no enroller metrics (%d): not sent", status)
 
     def _store_back(self) -> None:
         status, data = self._admin("GET", "/store")
@@ -259,18 +288,22 @@ class Enroller:
         lv = self.libvirt
         uuid = dom.UUIDString().lower()
         if event == lv.VIR_DOMAIN_EVENT_DEFINED:
+            self.counts.event("defined")
             self.work.put(("defined", uuid))
         elif event == lv.VIR_DOMAIN_EVENT_UNDEFINED:
+            self.counts.event("undefined")
             self.work.put(("undefined", uuid))
         elif event == lv.VIR_DOMAIN_EVENT_STOPPED and detail in (
                 lv.VIR_DOMAIN_EVENT_STOPPED_MIGRATED, lv.VIR_DOMAIN_EVENT_STOPPED_FAILED):
             # Gone to another host, or an incoming migration that failed: the
             # record is (again) the other host's, whose enroller keeps it.
+            self.counts.event("migrated")
             self.work.put(("migrated", uuid))
         elif event == lv.VIR_DOMAIN_EVENT_RESUMED and \
                 detail == lv.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
             # Running here after a migration (in, or a failed one out): its
             # record is this host's; the registration says so.
+            self.counts.event("resumed")
             self.work.put(("defined", uuid))
 
     def _closed(self, conn, reason, opaque) -> None:
@@ -309,12 +342,15 @@ class Enroller:
                 self.stop.wait(backoff)
                 continue
             self.conn = conn
+            self.counts.connected = True
             log.info("connected to libvirt at %s", uri)
             sd_notify(f"READY=1\nSTATUS=connected to {uri}")
             self.work.put(("sync", None))
             while not self.stop.is_set() and not self.lost.is_set():
                 self.stop.wait(0.5)
             self.conn = None
+            self.counts.connected = False
+            self.work.put(("push", None))  # the worker tells the daemon now
             if self.lost.is_set():
                 log.warning("lost the connection to libvirt at %s", uri)
                 sd_notify("STATUS=waiting for libvirt")
@@ -370,7 +406,7 @@ def main(argv=None) -> int:
         print(f"mdserver-enroll: {e}", file=sys.stderr)
         return EXIT_CONFIG
     # Its own log goes to stderr (the journal): [mdserver] logfile is the daemon's.
-    logs.setup(cfg.mdserver.loglevel, None)
+    logs.setup(cfg.mdserver.loglevel, None, cfg.mdserver.log_format)
     for warning in cfg.warnings:
         log.warning("%s", warning)
     libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stderr noise

@@ -451,6 +451,10 @@ class EtcdStore:
         self._stream_lock = threading.Lock()
         self._threads: List[threading.Thread] = []
         self._closed = False
+        # Told the seconds from another host's registration (its record's
+        # last_seen, that host's clock) to its arrival here: the watch's lag
+        # (the daemon sets it to its metrics' histogram).
+        self.on_watch_lag: Callable[[float], None] = lambda seconds: None
 
     # -- life cycle ------------------------------------------------------------
 
@@ -705,7 +709,12 @@ class EtcdStore:
                         final[uuid] = (parsed[1], rev)
             changes = [Change(self._cache.by_uuid(u), inst) for u, (inst, _) in final.items()]
             changes = [c for c in changes if c.old != c.new]
-            self._apply(changes, self._clock())
+            now = self._clock()
+            self._apply(changes, now)
+            for c in changes:
+                # A registration (last_seen moved); other edits keep an old last_seen.
+                if c.new is not None and (c.old is None or c.new.last_seen != c.old.last_seen):
+                    self.on_watch_lag(now - c.new.last_seen)
             for uuid, (inst, rev) in final.items():
                 if inst is None:
                     self._versions.pop(uuid, None)

@@ -7,10 +7,11 @@ import time
 import zlib
 from typing import Callable, List, Optional, Protocol, Sequence, Set
 
-from mdserver import domainxml
+from mdserver import domainxml, logs
 from mdserver.config import Config
 from mdserver.errors import BadRequest, Conflict, StoreConflict, StoreUnavailable
 from mdserver.ipam import Pool
+from mdserver.metrics import HostMetrics
 from mdserver.models import Instance, default_hostname
 from mdserver.storeapi import Change, InstanceStore
 
@@ -28,6 +29,11 @@ class Sink(Protocol):
     def sync(self, instances: Sequence[Instance]) -> bool: ...
 
     def reload(self) -> bool: ...
+
+
+def sink_name(sink: object) -> str:
+    """A sink's label in metrics: its class's, or its `name` attribute."""
+    return getattr(sink, "name", None) or type(sink).__name__
 
 
 def no_check(inst: Instance) -> Optional[str]:
@@ -54,8 +60,10 @@ class Registry:
                  clock: Callable[[], float] = time.time,
                  on_change: Callable[[], None] = lambda: None,
                  check: Callable[[Instance], Optional[str]] = no_check,
-                 retry_interval: float = RETRY_INTERVAL):
+                 retry_interval: float = RETRY_INTERVAL,
+                 metrics: Optional[HostMetrics] = None):
         self.cfg = cfg
+        self.metrics = metrics
         self.store = store
         self.host = store.host
         self.sinks = list(sinks)
@@ -137,7 +145,10 @@ class Registry:
             log.info("%s: writing again", type(sink).__name__)
 
     def _failed(self, n: int, e: Exception) -> None:
-        """One line when sink n starts failing, none while it goes on. Under _sink_lock."""
+        """One line when sink n starts failing, none while it goes on (each
+        failed attempt is counted). Under _sink_lock."""
+        if self.metrics is not None:
+            self.metrics.sink_error(sink_name(self.sinks[n]))
         if n in self._failing:
             return
         self._failing.add(n)
@@ -175,6 +186,34 @@ class Registry:
         sees only at its next cold boot (the enroller or `mdserverctl route
         --apply` changed it); a registration without it (the hook's, at a
         start) means the guest runs what was registered."""
+        started = time.monotonic()
+        try:
+            record, current = self._register_all(xml, pending)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.registered("error")
+            raise
+        if current is None:
+            verb, result = "registered", "registered"
+        elif current.host != record.host:
+            verb, result = f"moved from host {current.host} and updated", "updated"
+        else:
+            verb, result = "updated", "updated"
+        if self.metrics is not None:
+            self.metrics.registered(result, time.monotonic() - started)
+        log.info("%s %s (%s) %s %s", verb, record.name, record.uuid, record.mac, record.ipv4,
+                 extra=logs.fields(instance=record.name, uuid=record.uuid, ip=record.ipv4,
+                                   mac=record.mac, event=result))
+        problem = self.check(record)
+        if problem:
+            log.error("%s (%s): user-data fails, guests will get none: %s", record.name,
+                      record.uuid, problem,
+                      extra=logs.fields(instance=record.name, uuid=record.uuid,
+                                        event="template-error"))
+        return record
+
+    def _register_all(self, xml: bytes, pending: bool):
+        """Parse and store, re-planned after lost races: (record, the one it replaced)."""
         dn = self.cfg.dnsmasq
         info = domainxml.parse(xml, dn.net_name, dn.interface)
         for attempt in range(ATTEMPTS):
@@ -192,18 +231,7 @@ class Registry:
                 with self._lock:
                     self._cursor = self.pool.first + random.randrange(max(1, self.pool.size))
                 log.info("%s (%s): %s; planning again", info.name, info.uuid, e)
-        if current is None:
-            verb = "registered"
-        elif current.host != record.host:
-            verb = f"moved from host {current.host} and updated"
-        else:
-            verb = "updated"
-        log.info("%s %s (%s) %s %s", verb, record.name, record.uuid, record.mac, record.ipv4)
-        problem = self.check(record)
-        if problem:
-            log.error("%s (%s): user-data fails, guests will get none: %s", record.name,
-                      record.uuid, problem)
-        return record
+        return record, current
 
     def _register(self, info: domainxml.DomainInfo, pending: bool):
         """One attempt: (the record written, the one it replaces)."""
@@ -251,6 +279,21 @@ class Registry:
         """Remove by name or UUID; its address stays out of use for a lease
         time. Another host's instance only with `any_host` (its own host's
         libvirt decides when it is gone)."""
+        started = time.monotonic()
+        try:
+            inst = self._remove(key, any_host)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.removed("error")
+            raise
+        if self.metrics is not None:
+            self.metrics.removed("removed", time.monotonic() - started)
+        log.info("removed %s (%s) %s", inst.name, inst.uuid, inst.ipv4,
+                 extra=logs.fields(instance=inst.name, uuid=inst.uuid, ip=inst.ipv4,
+                                   mac=inst.mac, event="removed"))
+        return inst
+
+    def _remove(self, key: str, any_host: bool) -> Instance:
         with self._lock:
             inst = self.store.by_name(key) or self.store.by_uuid(key) or self.store.find(key)
             if inst.host != self.host and not any_host:
@@ -258,7 +301,6 @@ class Registry:
                                "it is removed there (or with --any-host)")
             self.store.commit(delete=[inst.uuid], at=self.clock(),
                               expect={inst.uuid: self.store.version(inst.uuid)})
-        log.info("removed %s (%s) %s", inst.name, inst.uuid, inst.ipv4)
         return inst
 
     def _replace(self, inst: Instance, **changes) -> Instance:

@@ -8,10 +8,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from mdserver import logs
 from mdserver.bodies import DRAIN_MAX
 from mdserver.errors import GuestQueueFull
 from mdserver.fairness import FairQueue
 from mdserver.looptick import LoopTick
+from mdserver.metrics import PUBLISH_INTERVAL, WorkerMetrics, classify
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,9 @@ class GuestListener:
     `fast` answers the hot GETs without the app (mdserver.fastpath) when it
     can. The app runs in the loop's thread (its work is CPU only) except POSTs,
     which are relayed to the main process over the admin socket and wait for
-    it: those run in `relay_threads` threads.
+    it: those run in `relay_threads` threads. `metrics` counts every answer
+    (plain integers in the loop's thread) and is published to its
+    multiprocess file every PUBLISH_INTERVAL seconds by the loop.
     """
 
     def __init__(self, app: Callable, queue: FairQueue, body_timeout: float,
@@ -126,8 +130,10 @@ class GuestListener:
                  catch_up: Callable[[], None] = lambda: None,
                  tick: Optional[LoopTick] = None,
                  clock: Callable[[], float] = time.monotonic,
-                 handoff_every: int = HANDOFF_EVERY, handoff: Callable[[], None] = _hand_over_gil):
+                 handoff_every: int = HANDOFF_EVERY, handoff: Callable[[], None] = _hand_over_gil,
+                 metrics: Optional[WorkerMetrics] = None):
         self.app, self.queue, self.body_timeout, self.fast = app, queue, body_timeout, fast
+        self.metrics = metrics
         self.catch_up = catch_up
         self.tick = tick
         self.handoff_every, self.handoff = handoff_every, handoff
@@ -143,9 +149,25 @@ class GuestListener:
     def __rsgi_init__(self, loop: Any) -> None:
         if self.tick is not None:
             self.tick.attach(loop)
+        if self.metrics is not None:
+            loop.call_later(PUBLISH_INTERVAL, self._publish_every, loop)
 
     def __rsgi_del__(self, loop: Any) -> None:
         self.relays.shutdown(wait=False)
+        self._publish()
+
+    def _publish_every(self, loop: Any) -> None:
+        self._publish()
+        loop.call_later(PUBLISH_INTERVAL, self._publish_every, loop)
+
+    def _publish(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.publish()
+        except Exception:  # counts are not worth a worker: said once, then off
+            log.exception("metrics: cannot publish this worker's counts; counting stops")
+            self.metrics = None
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         if scope.proto != "http":
@@ -158,6 +180,8 @@ class GuestListener:
         if scope.method == "HEAD":
             body = b""
         proto.response_bytes(status, headers, body)
+        if self.metrics is not None:
+            self.metrics.count(scope.path, status)
         self._answered += 1
         if self._answered % self.handoff_every == 0 and self.queue.shared():
             self.handoff()
@@ -170,18 +194,19 @@ class GuestListener:
                 body = await asyncio.wait_for(_read_body(proto), self.body_timeout)
             except asyncio.TimeoutError:
                 log.info("400 %s %s from %s: body not received within %g s",
-                         scope.method, scope.path, remote, self.body_timeout)
+                         scope.method, scope.path, remote, self.body_timeout,
+                         extra=_request_fields(scope, remote, 400))
                 return _plain(400, f"request body not received within {self.body_timeout:g} s",
                               [("Connection", "close")])
             except _TooLarge:
                 log.info("413 %s %s from %s: body over %d bytes", scope.method, scope.path,
-                         remote, DRAIN_MAX)
+                         remote, DRAIN_MAX, extra=_request_fields(scope, remote, 413))
                 return _plain(413, f"body is over the {DRAIN_MAX}-byte limit",
                               [("Connection", "close")])
         try:
             await self.queue.turn(remote)
         except GuestQueueFull as e:
-            self._log_refusal(remote, e)
+            self._log_refusal(remote, e, scope)
             return _plain(429, str(e), [("Retry-After", RETRY_AFTER)])
         # Every write acknowledged before this request, in every worker.
         self.catch_up()
@@ -218,14 +243,20 @@ class GuestListener:
             }
         return base
 
-    def _log_refusal(self, remote: str, error: GuestQueueFull) -> None:
+    def _log_refusal(self, remote: str, error: GuestQueueFull, scope: Any) -> None:
         now = self.clock()
         if now - self._refusals.get(remote, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
             self._refusals[remote] = now
             log.warning("429 from %s: %s (further refusals unlogged for %g s)", remote, error,
-                        REFUSAL_LOG_INTERVAL)
+                        REFUSAL_LOG_INTERVAL, extra=_request_fields(scope, remote, 429))
             if len(self._refusals) > 1024:  # bounded: forget the oldest
                 del self._refusals[min(self._refusals, key=self._refusals.__getitem__)]
+
+
+def _request_fields(scope: Any, remote: str, status: int) -> dict:
+    face, kind = classify(scope.path)
+    return logs.fields(ip=remote, face=face, kind=kind, method=scope.method, path=scope.path,
+                       status=status)
 
 
 class _TooLarge(Exception):

@@ -26,9 +26,11 @@ import os
 import re
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
+from mdserver import logs
 from mdserver.faces import ec2, nocloud, openstack
 from mdserver.fsutil import atomic_write
 from mdserver.iso import build_iso
+from mdserver.metrics import HostMetrics
 from mdserver.models import SEED_ROUTES, Instance
 from mdserver.view import InstanceView, Site
 
@@ -84,10 +86,14 @@ class SeedImages:
     QEMU opens the image when the domain starts. With a shared registry
     (`host` set) only this host's instances have images here."""
 
-    def __init__(self, directory: str, views: ViewSource, host: Optional[str] = None):
+    name = "seeds"  # its label in metrics
+
+    def __init__(self, directory: str, views: ViewSource, host: Optional[str] = None,
+                 metrics: Optional[HostMetrics] = None):
         self.dir = directory
         self.views = views
         self.host = host
+        self.metrics = metrics
         # path -> (inode, mtime, size, sha256) of what this process wrote or
         # read last: how an image owned by QEMU's user (the domain runs) is
         # known to be unchanged without reading it.
@@ -157,7 +163,11 @@ class SeedImages:
         data = seed_image(self.views(inst), fmt)
         if not self._unchanged(path, data):
             self._write(path, data)
-            log.info("%s (%s): %s seed image written: %s", inst.name, inst.uuid, fmt, path)
+            if self.metrics is not None:
+                self.metrics.seed_written()
+            log.info("%s (%s): %s seed image written: %s", inst.name, inst.uuid, fmt, path,
+                     extra=logs.fields(instance=inst.name, uuid=inst.uuid,
+                                       event="seed-written"))
         return False
 
     def remove(self, uuid: str) -> bool:

@@ -17,6 +17,7 @@ from mdserver.bodies import finished_bodies
 from mdserver.config import Config, MdserverSection
 from mdserver.fairness import FairQueue
 from mdserver.fsutil import atomic_write
+from mdserver.metricslistener import MetricsServer, Scrape, close_metrics, serve_metrics
 from mdserver.notify import sd_notify
 from mdserver.rsgi import GuestListener
 from mdserver.signals import on_signals
@@ -56,14 +57,15 @@ def _worker_app(cfg: Config, build: Build) -> GuestListener:
     """Runs in each worker process: its logging, then the app. The replica
     catches up with the store before every answer (no signal needed: a
     write is visible to every worker once it is acknowledged)."""
-    handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile)
+    handler = logs.setup(cfg.mdserver.loglevel, cfg.mdserver.logfile, cfg.mdserver.log_format)
     guest = build(cfg)
     on_signals({signal.SIGHUP: handler.reopen if handler is not None else (lambda: None)})
     # granian bounds the wait for headers (header_timeout) but not for a
     # body: the listener gives the body the same time.
     md = cfg.mdserver
     return GuestListener(guest.app, FairQueue(md.guest_queue), md.header_timeout, md.threads,
-                         fast=guest.fast, catch_up=guest.catch_up, tick=guest.tick)
+                         fast=guest.fast, catch_up=guest.catch_up, tick=guest.tick,
+                         metrics=guest.metrics)
 
 
 def default_workers(cpus: Optional[int] = None) -> int:
@@ -121,7 +123,7 @@ class _LogFile:
         self.setup()
 
     def setup(self) -> None:
-        self.handler = logs.setup(self.md.loglevel, self.md.logfile)
+        self.handler = logs.setup(self.md.loglevel, self.md.logfile, self.md.log_format)
 
     def reopen(self) -> None:
         if self.handler is not None:
@@ -161,25 +163,28 @@ def _remove(path: str) -> None:
 
 
 def run(cfg: Config, admin: Callable, build: Build,
-        on_listening: Optional[OnListening] = None, claim: Optional[AdminClaim] = None) -> int:
+        on_listening: Optional[OnListening] = None, claim: Optional[AdminClaim] = None,
+        scrape: Optional[Scrape] = None) -> int:
     """Serve until SIGTERM/SIGINT: `admin` on the admin socket here, in the
     main process; the guest listener in a granian worker, whose app and
     replica-refresh function `build(cfg)` makes there. `on_listening(host,
     port)` is called once guests are served (port 0 resolved). `claim`: the
     admin socket, claimed by the caller before it changed anything (else
-    claimed here, AdminSocketTaken if another mdserver has it)."""
+    claimed here, AdminSocketTaken if another mdserver has it). `scrape`:
+    the metrics, served on [metrics] listen if set (OSError if it cannot
+    listen there)."""
     md = cfg.mdserver
     own = claim is None
     claim = claim_admin(md.admin_socket) if claim is None else claim
     try:
-        return _run(cfg, admin, build, on_listening, claim)
+        return _run(cfg, admin, build, on_listening, claim, scrape)
     finally:
         if own:
             claim.release()
 
 
 def _run(cfg: Config, admin: Callable, build: Build, on_listening: Optional[OnListening],
-         claim: AdminClaim) -> int:
+         claim: AdminClaim, scrape: Optional[Scrape]) -> int:
     md = cfg.mdserver
     log_file = _LogFile(md)
 
@@ -200,7 +205,10 @@ def _run(cfg: Config, admin: Callable, build: Build, on_listening: Optional[OnLi
     # The admin server closes after each request: no Connection header (wsgiref refuses it).
     admin_app = finished_bodies(admin, md.header_timeout)
     admin_server = serve_admin(admin_app, claim, io_timeout=md.header_timeout)
+    metrics_server: Optional[MetricsServer] = None
     try:
+        if cfg.metrics.listen is not None and scrape is not None:
+            metrics_server = serve_metrics(cfg.metrics.listen, scrape)
         if not _wait_for_address(md.listen_address):
             return 0
         if md.port != 0:
@@ -208,6 +216,8 @@ def _run(cfg: Config, admin: Callable, build: Build, on_listening: Optional[OnLi
         with reserve_port(md.listen_address) as held:
             return _serve(cfg, held.getsockname()[1], build, log_file, report, on_listening)
     finally:
+        if metrics_server is not None:
+            close_metrics(metrics_server)
         close_admin(admin_server)
         _remove(report)
 

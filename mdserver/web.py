@@ -7,12 +7,14 @@ from typing import Callable, Collection, Dict, Iterable, Optional, Tuple
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
+from mdserver import logs
 from mdserver.errors import (BadRequest, Conflict, DaemonUnavailable, Forbidden,
-                             MdserverError, NotFound, PayloadTooLarge, PoolExhausted,
-                             StoreConflict, StoreFull, StoreLocked, StoreUnavailable,
-                             TemplateError, Unauthorized)
+                             ForeignSender, MdserverError, NotFound, PayloadTooLarge,
+                             PoolExhausted, StoreConflict, StoreFull, StoreLocked,
+                             StoreUnavailable, TemplateError, Unauthorized, UnknownGuest)
 from mdserver.domainxml import MAX_XML_BYTES
 from mdserver.faces import Reply, ec2, nocloud, openstack
+from mdserver.metrics import EnrollReports, classify, parse_enroll_report
 from mdserver.registry import Registry, record_json
 from mdserver.service import MetadataService
 
@@ -28,6 +30,20 @@ STATUS = (  # most specific first
 )
 TOKEN_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN"
 TTL_HEADER = "HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS"
+# A counted event of the guest app: (name, label), see metrics.WorkerMetrics.event.
+Events = Callable[[str, str], None]
+
+
+def _no_events(name: str, label: str = "") -> None:
+    pass
+
+
+def request_fields(env: dict, status: int) -> dict:
+    """The stable log fields of a guest request (logs.fields)."""
+    path = env.get("PATH_INFO") or ""
+    face, kind = classify(path)
+    return logs.fields(ip=env.get("REMOTE_ADDR"), face=face, kind=kind,
+                       method=env.get("REQUEST_METHOD"), path=path, status=status)
 
 
 def status_of(error: MdserverError) -> int:
@@ -44,7 +60,8 @@ def error_response(error: MdserverError) -> HTTPResponse:
     level = logging.ERROR if status >= 500 else logging.INFO
     if not getattr(error, "logged", False):  # else logged (rate-limited) where detected
         log.log(level, "%d %s %s from %s: %s", status, env.get("REQUEST_METHOD"),
-                env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error)
+                env.get("PATH_INFO"), env.get("REMOTE_ADDR"), error,
+                extra=request_fields(env, status))
     # Server-side failures stay in the log: the guest learns only their kind.
     if status < 500 or status in (503, 507):
         reason = str(error)
@@ -87,18 +104,32 @@ Relay = Callable[[bytes], Tuple[int, bytes]]
 PasswordRelay = Callable[[str, bytes], Tuple[int, bytes]]  # (uuid, blob) -> (status, body)
 
 
-def errors_to_status(callback: Callable) -> Callable:
+def errors_to_status(events: Events = _no_events) -> Callable:
     """Bottle plugin: an MdserverError raised by a route becomes its status
-    and one log line (error_response), so no route needs a try/except."""
+    and one log line (error_response), so no route needs a try/except; the
+    errors that are counted are told to `events` here, once per answer (the
+    fast path hands every error to the app)."""
 
-    @functools.wraps(callback)
-    def wrapper(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except MdserverError as e:
-            return error_response(e)
+    def plugin(callback: Callable) -> Callable:
+        @functools.wraps(callback)
+        def wrapper(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except MdserverError as e:
+                _count_error(events, e)
+                return error_response(e)
+        return wrapper
 
-    return wrapper
+    return plugin
+
+
+def _count_error(events: Events, error: MdserverError) -> None:
+    if isinstance(error, UnknownGuest):
+        events("unknown_guest", "")
+    elif isinstance(error, ForeignSender):
+        events("refused_identity", "")
+    elif isinstance(error, Unauthorized):
+        events("token_failure", "check")
 
 
 def _reply(reply: Reply, headers: Optional[Dict[str, str]] = None) -> HTTPResponse:
@@ -108,18 +139,20 @@ def _reply(reply: Reply, headers: Optional[Dict[str, str]] = None) -> HTTPRespon
 def metadata_app(service: MetadataService, access_log: bool = False,
                  upload: Optional[Relay] = None,
                  host_addresses: Collection[str] = (),
-                 password: Optional[PasswordRelay] = None) -> Callable:
+                 password: Optional[PasswordRelay] = None,
+                 events: Events = _no_events) -> Callable:
     """The WSGI app guests talk to, identified by their TCP source address only.
 
     One route set per face: OpenStack under /openstack, NoCloud under
     /nocloud, EC2 everywhere else (its IMDSv2 token checks wrap its routes
     only). POST /instance-upload (md_server's registration URL) is accepted
     from `host_addresses` only and handed to `upload` (the main process's
-    registry); a guest's POST of its password goes to `password`.
+    registry); a guest's POST of its password goes to `password`. Unknown
+    guests, refused identities and tokens are counted through `events`.
     """
     app = Bottle(catchall=True)
     app.default_error_handler = _plain_error
-    app.install(errors_to_status)
+    app.install(errors_to_status(events))
 
     def guest_ip() -> str:
         return request.environ["REMOTE_ADDR"]  # never X-Forwarded-For: a guest could claim any identity
@@ -165,8 +198,13 @@ def metadata_app(service: MetadataService, access_log: bool = False,
     @app.put("/<version>/api/token")
     def token(version):
         env = request.environ
-        value, ttl = service.issue_token(env["REMOTE_ADDR"], version, env.get(TTL_HEADER),
-                                         forwarded="HTTP_X_FORWARDED_FOR" in env)
+        try:
+            value, ttl = service.issue_token(env["REMOTE_ADDR"], version, env.get(TTL_HEADER),
+                                             forwarded="HTTP_X_FORWARDED_FOR" in env)
+        except MdserverError:
+            events("token_failure", "issue")
+            raise
+        events("token_issued", "")
         return HTTPResponse(value, 200, {"Content-Type": TEXT,
                                          "X-Aws-Ec2-Metadata-Token-Ttl-Seconds": str(ttl)})
 
@@ -187,11 +225,14 @@ def metadata_app(service: MetadataService, access_log: bool = False,
     return with_access_log(app) if access_log else app
 
 
-def admin_app(registry: Registry) -> Callable:
-    """Registration and administration, served on the admin Unix socket only."""
+def admin_app(registry: Registry, scrape: Optional[Callable[[], Tuple[bytes, str]]] = None,
+              enroll: Optional[EnrollReports] = None) -> Callable:
+    """Registration and administration, served on the admin Unix socket only;
+    the daemon's metrics (`scrape`) at GET /metrics, the enroller's pushed
+    counts into `enroll` at POST /metrics/enroll."""
     app = Bottle(catchall=True)
     app.default_error_handler = _plain_error
-    app.install(errors_to_status)
+    app.install(errors_to_status())
 
     def reply(body) -> HTTPResponse:
         return HTTPResponse(json.dumps(body, indent=1) + "\n", 200,
@@ -235,6 +276,24 @@ def admin_app(registry: Registry) -> Callable:
     def password_clear(key):
         return reply(record_json(registry.clear_password_blob(key)))
 
+    @app.get("/metrics")
+    def metrics_get():
+        if scrape is None:
+            raise NotFound("no metrics here")
+        body, ctype = scrape()
+        return HTTPResponse(body, 200, {"Content-Type": ctype})
+
+    @app.post("/metrics/enroll")
+    def metrics_enroll():
+        if enroll is None:
+            raise NotFound("no metrics here")
+        try:
+            report = parse_enroll_report(json.loads(read_body(request.environ, 4096)))
+        except ValueError as e:  # JSONDecodeError is one
+            raise BadRequest(f"enroller report: {e}") from None
+        enroll.receive(report)
+        return reply({"received": True})
+
     return app
 
 
@@ -250,10 +309,11 @@ def with_access_log(app: Callable) -> Callable:
             return start_response(status, headers, exc_info)
 
         result = app(environ, capture)
+        status = seen[0].split(" ", 1)[0] if seen else "-"
         access.info("%s %s %s %s token=%s", environ.get("REMOTE_ADDR"),
-                    environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
-                    seen[0].split(" ", 1)[0] if seen else "-",
-                    "yes" if TOKEN_HEADER in environ else "no")
+                    environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status,
+                    "yes" if TOKEN_HEADER in environ else "no",
+                    extra=request_fields(environ, int(status) if status.isdigit() else 0))
         return result
 
     return logged

@@ -8,6 +8,7 @@ from mdserver import config as configmod
 from mdserver.errors import ConfigError, TemplateError
 from mdserver.fastpath import FastPath
 from mdserver.looptick import LoopTick
+from mdserver.metrics import WorkerMetrics, directory_for, use_directory
 from mdserver.models import Instance
 from mdserver.neighbours import IdentityCheck, kernel_identity_check
 from mdserver.service import MetadataService, Views, fresh_seed
@@ -36,32 +37,38 @@ def build_service(cfg: configmod.Config, store: InstanceStore,
 class GuestApp(NamedTuple):
     """What a server worker runs: the guest-facing WSGI app, its replica's
     catch-up (before each request), and the fast path for hot GETs (None
-    with the access log on: the app writes those lines), and the turn of
-    the worker's event loop the identity check is made once in."""
+    with the access log on: the app writes those lines), the turn of
+    the worker's event loop the identity check is made once in, and the
+    worker's counts (None: not counted)."""
     app: Callable
     catch_up: Callable[[], None]
     fast: Optional[FastPath]
     tick: LoopTick
+    metrics: Optional[WorkerMetrics] = None
 
 
 def build_guest_app(cfg: configmod.Config) -> GuestApp:
     """In the server worker: a read-only replica of the store (its local
     file, or this host's etcd cache) and the guest-facing app; uploads go to
-    the main process over the admin socket."""
+    the main process over the admin socket. Its counts go to its own file in
+    the daemon's metrics directory (made by the main process, beside the
+    admin socket)."""
     from mdserver import web
     md = cfg.mdserver
+    use_directory(directory_for(md.admin_socket))
+    counts = WorkerMetrics()
     replica = open_replica(cfg)
     tick = LoopTick()
     identity = kernel_identity_check(cfg.dnsmasq.network, tick) if md.check_mac else None
     service = build_service(cfg, replica, identity=identity)
     app = web.metadata_app(
-        service, access_log=md.access_log,
+        service, access_log=md.access_log, events=counts.event,
         upload=partial(adminclient.request, md.admin_socket, "POST", "/instance-upload"),
         host_addresses={"127.0.0.1", "::1", md.listen_address},
         password=lambda uuid, blob: adminclient.request(
             md.admin_socket, "POST", f"/instances/{uuid}/password", blob))
     return GuestApp(app, replica.catch_up,
-                    None if md.access_log else FastPath(service), tick)
+                    None if md.access_log else FastPath(service), tick, counts)
 
 
 def read_vendor_data(path: Optional[str]) -> Optional[str]:

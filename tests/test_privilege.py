@@ -131,6 +131,8 @@ WRITTEN: List[Tuple[str, Tuple[str, ...], str, int]] = [
     ("admin socket", ("run/admin.sock",), SOCKET, 0o660),
     ("admin socket lock", ("run/admin.sock.lock",), FILE, 0o600),
     ("port file", ("run/admin.port",), FILE, 0o644),
+    ("metrics directory", ("run/admin.metrics",), DIR, 0o700),
+    ("metrics files", ("run/admin.metrics/*.db",), FILE, 0o600),
     ("log file", ("log/mdserver.log",), FILE, 0o640),
 ]
 # The test's own: configuration, templates, the log directory (as systemd's
@@ -396,7 +398,8 @@ def test_every_file_is_documented_and_no_wider(run):
     entries = [documented(rel, kind) for rel, (kind, _, _) in run.files.items()]
     names = {entry[0] for entry in entries if entry is not None}
     assert names >= {"database journal", "token key", "seed images",
-                     "dnsmasq host files", "admin socket", "port file", "log file"}
+                     "dnsmasq host files", "admin socket", "port file", "log file",
+                     "metrics directory", "metrics files"}
 
 
 @unit
