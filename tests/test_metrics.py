@@ -510,7 +510,7 @@ def test_metrics_dir_is_private_and_gone_at_exit(tmp_path):
 
 # -- the enroller and etcd, driven for real where this machine can ----------------------
 
-@unit
+@process  # its push tries the (absent) admin socket: a socket, so not `unit`
 def test_the_enroller_counts_its_events(tmp_path):
     """The enroller's event handler with libvirt's event constants
     (test_enroll's stand-in: no libvirtd here); its pushes go to a daemon
