@@ -17,7 +17,7 @@ from mdserver.storeapi import InstanceStore
 from mdserver.stores import open_store
 from mdserver.tokens import load_or_create_key
 from mdserver.view import derived_seed
-from mdserver.wiring import (EXIT_CONFIG, build_guest_app, build_views, read_vendor_data,
+from mdserver.wiring import (EXIT_CONFIG, build_views, guest_builder, read_vendor_data,
                              template_problem)
 
 log = logging.getLogger("mdserver")
@@ -116,7 +116,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         enroll = metrics.EnrollReports()
         scrape = metrics.Exposition(metrics_dir, metrics.Sources(
             store, enroll, cfg.mdserver.workers or server.default_workers()))
-        return server.run(cfg, web.admin_app(registry, scrape, enroll), build_guest_app,
+        return server.run(cfg, web.admin_app(registry, scrape, enroll), guest_builder(cfg),
                           on_listening=demo.print_hints if args.demo else None, claim=claim,
                           scrape=scrape)
     except (MdserverError, OSError) as e:

@@ -1,6 +1,7 @@
 """The guest listener: granian wiring, its port, waiting for the address, readiness, the worker's start."""
 
 import errno
+import gc
 import logging
 import multiprocessing
 import os
@@ -274,5 +275,11 @@ def _serve(cfg: Config, port: int, build: Build, log_file: _LogFile, report: str
                          daemon=True, name="readiness").start()
 
     server.on_startup(on_startup)
+    # The workers are forked from here and share what this process holds
+    # (the store's replica above all: wiring.guest_builder) until one of
+    # them writes to it. Frozen, it is outside every collection, so no
+    # worker's garbage collector writes to those pages by walking them.
+    gc.collect()
+    gc.freeze()
     server.serve(target_loader=partial(_worker_app, cfg, build), wrap_loader=False)
     return 0

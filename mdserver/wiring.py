@@ -12,6 +12,7 @@ from mdserver.metrics import WorkerMetrics, directory_for, use_directory
 from mdserver.models import Instance
 from mdserver.neighbours import IdentityCheck, kernel_identity_check
 from mdserver.service import MetadataService, Views, fresh_seed
+from mdserver.store import Store
 from mdserver.storeapi import InstanceStore
 from mdserver.stores import open_replica
 from mdserver.tokens import TokenSigner, load_or_create_key
@@ -47,7 +48,17 @@ class GuestApp(NamedTuple):
     metrics: Optional[WorkerMetrics] = None
 
 
-def build_guest_app(cfg: configmod.Config) -> GuestApp:
+def guest_builder(cfg: configmod.Config) -> Callable[[configmod.Config], GuestApp]:
+    """build_guest_app with the store's replica opened now, in the main
+    process, before granian forks the workers: they share its pages (copy
+    on write; the main process never touches it, and server freezes it out
+    of the garbage collector's walks) instead of each reading its own, ~18
+    MB per worker at 10,000 instances. Each worker then catches up on its
+    own."""
+    return partial(build_guest_app, replica=open_replica(cfg))
+
+
+def build_guest_app(cfg: configmod.Config, replica: Optional[Store] = None) -> GuestApp:
     """In the server worker: a read-only replica of the store (its local
     file, or this host's etcd cache) and the guest-facing app; uploads go to
     the main process over the admin socket. Its counts go to its own file in
@@ -57,7 +68,7 @@ def build_guest_app(cfg: configmod.Config) -> GuestApp:
     md = cfg.mdserver
     use_directory(directory_for(md.admin_socket))
     counts = WorkerMetrics()
-    replica = open_replica(cfg)
+    replica = open_replica(cfg) if replica is None else replica
     tick = LoopTick()
     identity = kernel_identity_check(cfg.dnsmasq.network, tick) if md.check_mac else None
     service = build_service(cfg, replica, identity=identity)
