@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 
+from mdserver import logs
 from mdserver.looptick import LoopTick
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class IdentityCheck:
             log.warning("request from %s refused: the neighbour table has %s for it, the "
                         "instance with that address has %s (another guest using its "
                         "address?); next line for %s in %.0f s at the earliest", ip,
-                        seen or "no entry", mac.lower(), ip, LOG_EVERY)
+                        seen or "no entry", mac.lower(), ip, LOG_EVERY,
+                        extra=logs.fields(ip=ip, mac=mac.lower(), event="refused-identity"))
         return False
 
 
