@@ -2,6 +2,7 @@
 
 import getpass
 import os
+import re
 import shutil
 import socket
 import time
@@ -41,6 +42,13 @@ def write_config(directory, body: str = "", **mdserver_keys) -> str:
     dnsmasq = f"[dnsmasq]\nbase_dir = {directory}/dnsmasq\nuser = {getpass.getuser()}\n"
     body = body.replace("[dnsmasq]\n", dnsmasq) if "[dnsmasq]\n" in body \
         else body + "\n" + dnsmasq
+    # mdserverctl list/show ask libvirt for each instance's state: never the
+    # host's libvirt (tests/hermetic.py's dead socket, unless the test names one).
+    if not re.search(r"^\[libvirt\][^\[]*^uri\s*=", body, re.M):
+        dead = os.environ.get("LIBVIRT_DEFAULT_URI") or \
+            f"qemu+unix:///system?socket={directory}/no-libvirt/libvirt-sock"
+        body = body.replace("[libvirt]\n", f"[libvirt]\nuri = {dead}\n") \
+            if "[libvirt]\n" in body else body + f"\n[libvirt]\nuri = {dead}\n"
     path = os.path.join(str(directory), "mdserver.conf")
     os.makedirs(os.path.join(str(directory), "userdata"), exist_ok=True)
     with open(path, "w") as f:
