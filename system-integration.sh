@@ -14,7 +14,9 @@ usage() {
 Usage: system-integration.sh [OPTIONS]
        system-integration.sh --uninstall [--purge] [OPTIONS]
 
-Installs mdserver from this source tree (run as root):
+Installs mdserver from this source tree (run as root); the files beside the
+Python code are those of packaging/files.list, which the Debian package
+(debian/) installs as well:
   PREFIX                      virtual environment with mdserver (python3 -m venv,
                               pip install of this tree)
   /etc/mdserver/mdserver.conf configuration, only if absent (else the new default
@@ -356,13 +358,56 @@ readable_by_daemon() {
     [ "${perms:7:1}" = r ] || { [ "$group" = "$USER_NAME" ] && [ "${perms:4:1}" = r ]; }
 }
 
+# packaging/files.list: what to install beside the Python code, shared with
+# the Debian package. Lines "kind source target mode owner"; see the file.
+FILES_LIST=packaging/files.list
+declare -a LIST=()
+declare -A LISTED_DIRS=()
+read_files_list() {
+    local kind src dest mode owner extra n=0
+    [ -f "$SRC/$FILES_LIST" ] || die "missing $FILES_LIST in the source tree $SRC"
+    while read -r kind src dest mode owner extra; do
+        n=$((n + 1))
+        case $kind in ''|'#'*) continue ;; esac
+        case $kind in
+            conf|dir|file|hook|unit|state) ;;
+            *) die "$FILES_LIST:$n: unknown kind: $kind" ;;
+        esac
+        [ -n "$owner" ] && [ -z "$extra" ] && [[ $mode =~ ^0[0-7]{3}$ ]] \
+            || die "$FILES_LIST:$n: want: kind source target mode owner"
+        [ "$src" = - ] || [ -f "$SRC/$src" ] || die "missing $src in the source tree $SRC"
+        case $kind in
+            unit) [[ $dest != */* ]] || die "$FILES_LIST:$n: a unit's target is a file name" ;;
+            *) check_path "$FILES_LIST:$n" "$dest" ;;
+        esac
+        LIST+=("$kind $src $dest $mode $owner")
+        [ "$kind" != dir ] || LISTED_DIRS[$dest]=1
+    done < "$SRC/$FILES_LIST"
+}
+
+# The configuration: readable by the daemon's group only (password hash,
+# template data); an existing one is the administrator's and stays.
+install_conf() {
+    local src=$1 conf=$2 mode=$3 owner=$4
+    if [ ! -e "$DESTDIR$conf" ]; then
+        put_file "$SRC/$src" "$conf" "$mode" "$owner"
+    elif [ $REAL = 0 ]; then
+        [ -z "$owner" ] || record "pending chown $owner $conf"
+    elif ! readable_by_daemon "$conf"; then
+        say "warning: user $USER_NAME cannot read $conf: chgrp $USER_NAME $conf; chmod g+r $conf"
+    fi
+    # Kept by --uninstall, removed by --purge (even if it was there before).
+    record "conf $conf"
+    if ! cmp -s "$SRC/$src" "$DESTDIR$conf" || had "file $conf.dist"; then
+        # The administrator's file stays; the new default goes beside it.
+        put_file "$SRC/$src" "$conf.dist" "$mode" "$owner"
+        record "file $conf.dist"
+    fi
+}
+
 do_install() {
-    local f
-    for f in etc/mdserver/mdserver.conf etc/mdserver/userdata/example.yaml \
-             systemd/mdserver.service systemd/mdserver-dnsmasq.service \
-             systemd/mdserver-enroll.service hooks/qemu; do
-        [ -f "$SRC/$f" ] || die "missing $f in the source tree $SRC"
-    done
+    local entry kind src dest mode owner
+    read_files_list
     read_manifest
     [ $REAL = 0 ] || command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] \
         || say "warning: /usr/sbin/dnsmasq not found: install dnsmasq-base (Debian/Ubuntu) or dnsmasq (Fedora)"
@@ -376,54 +421,42 @@ do_install() {
         install_venv
     fi
 
-    # Configuration: readable by the daemon's group only (password hash,
-    # template data).
-    local conf=$CONF_DIR/mdserver.conf
-    if [ ! -e "$DESTDIR$conf" ]; then
-        put_file "$SRC/etc/mdserver/mdserver.conf" "$conf" 0640 root:"$USER_NAME"
-    elif [ $REAL = 0 ]; then
-        record "pending chown root:$USER_NAME $conf"
-    elif ! readable_by_daemon "$conf"; then
-        say "warning: user $USER_NAME cannot read $conf: chgrp $USER_NAME $conf; chmod g+r $conf"
-    fi
-    # Kept by --uninstall, removed by --purge (even if it was there before).
-    record "conf $conf"
-    if ! cmp -s "$SRC/etc/mdserver/mdserver.conf" "$DESTDIR$conf" \
-        || had "file $conf.dist"; then
-        # The administrator's file stays; the new default goes beside it.
-        put_file "$SRC/etc/mdserver/mdserver.conf" "$conf.dist" 0640 root:"$USER_NAME"
-        record "file $conf.dist"
-    fi
-    ensure_dir "$CONF_DIR/userdata" 0750 root:"$USER_NAME"
-    put_file "$SRC/etc/mdserver/userdata/example.yaml" "$CONF_DIR/userdata/example.yaml" \
-        0640 root:"$USER_NAME"
-    record "file $CONF_DIR/userdata/example.yaml"
-
-    # systemd units, @BINDIR@ substituted.
-    ensure_dir "$UNITDIR" 0755
-    for f in mdserver.service mdserver-dnsmasq.service mdserver-enroll.service; do
-        sed "s|@BINDIR@|$BINDIR|g" "$SRC/systemd/$f" > "$TMP/$f"
-        ! grep -q '@[A-Z]*@' "$TMP/$f" || die "systemd/$f: unknown @...@ placeholder"
-        put_file "$TMP/$f" "$UNITDIR/$f" 0644
-        record "file $UNITDIR/$f"
+    for entry in "${LIST[@]}"; do
+        read -r kind src dest mode owner <<<"$entry"
+        [ "$owner" != root:root ] || owner=
+        case $kind in
+            conf)
+                install_conf "$src" "$dest" "$mode" "$owner" ;;
+            dir)
+                ensure_dir "$dest" "$mode" "$owner" ;;
+            file|hook)
+                # Its directory: a listed one is made with its own mode above;
+                # any other is made here (0755), or recorded as ours again.
+                [ -n "${LISTED_DIRS[$(dirname "$dest")]:-}" ] || ensure_dir "$(dirname "$dest")" 0755
+                put_file "$SRC/$src" "$dest" "$mode" "$owner"
+                record "file $dest" ;;
+            unit)
+                # @BINDIR@ substituted.
+                ensure_dir "$UNITDIR" 0755
+                sed "s|@BINDIR@|$BINDIR|g" "$SRC/$src" > "$TMP/$dest"
+                ! grep -q '@[A-Z]*@' "$TMP/$dest" || die "$src: unknown @...@ placeholder"
+                put_file "$TMP/$dest" "$UNITDIR/$dest" "$mode" "$owner"
+                record "file $UNITDIR/$dest" ;;
+            state)
+                # systemd's StateDirectory= would create it too. 0711: QEMU
+                # (libvirt-qemu) must traverse it to open a seed image under
+                # seeds/; nobody else may list it, and every file in it has
+                # its own mode.
+                ensure_dir "$dest" "$mode" "$owner"
+                if ! had "dir $dest" && [ -z "${SEEN[dir $dest]:-}" ]; then
+                    # There before (systemd's StateDirectory=, an earlier
+                    # install): mdserver's all the same.
+                    record "dir $dest"
+                    ensure_mode "$dest" "$mode"
+                    [ -z "$owner" ] || ensure_owner "$dest" "$owner"
+                fi ;;
+        esac
     done
-
-    # libvirt hook (libvirt >= 6.5 runs every executable in qemu.d).
-    ensure_dir "$HOOK_DIR" 0755
-    put_file "$SRC/hooks/qemu" "$HOOK_DIR/mdserver" 0755
-    record "file $HOOK_DIR/mdserver"
-
-    # State directory (systemd's StateDirectory= would create it too).
-    # 0711: QEMU (libvirt-qemu) must traverse it to open a seed image under
-    # seeds/; nobody else may list it, and every file in it has its own mode.
-    ensure_dir "$STATE_DIR" 0711 "$USER_NAME:$USER_NAME"
-    if ! had "dir $STATE_DIR" && [ -z "${SEEN[dir $STATE_DIR]:-}" ]; then
-        # There before (systemd's StateDirectory=, an earlier install):
-        # mdserver's all the same.
-        record "dir $STATE_DIR"
-        ensure_mode "$STATE_DIR" 0711
-        ensure_owner "$STATE_DIR" "$USER_NAME:$USER_NAME"
-    fi
 
     write_manifest
 
@@ -436,7 +469,7 @@ do_install() {
     if [ $REAL = 1 ]; then
         cat <<EOF
 $PROG: done. Next:
-  - edit $conf (mdserverctl check-config $conf checks it)
+  - edit $CONF_DIR/mdserver.conf (mdserverctl check-config $CONF_DIR/mdserver.conf checks it)
   - systemctl enable --now mdserver.service   (starts mdserver-dnsmasq.service too;
     after an upgrade: systemctl restart mdserver.service)
   - systemctl enable --now mdserver-enroll.service   (gives every domain on the
