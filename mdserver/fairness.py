@@ -11,6 +11,9 @@ from mdserver.errors import GuestQueueFull
 # How long after requests from two different addresses the queue counts as
 # shared (see FairQueue.shared).
 SHARED_WINDOW = 0.1
+# Requests in a row from one address that make it a flood (FairQueue.contended):
+# a crawl asks one thing at a time, so other guests' requests come between.
+FLOOD_RUN = 4
 
 
 class FairQueue:
@@ -46,6 +49,8 @@ class FairQueue:
         self._pumping = False
         self._previous = ""                 # the address that registered last
         self._shared_until = 0.0
+        self._flood_until = 0.0
+        self._run = 0                       # requests in a row from _previous
 
     def waiting(self, client: str) -> int:
         return self._waiting.get(client, 0)
@@ -55,6 +60,17 @@ class FairQueue:
         SHARED_WINDOW seconds (a lone guest, however busy, is not sharing)."""
         return self._shared_until > self.clock()
 
+    def contended(self) -> bool:
+        """Whether, within the last SHARED_WINDOW seconds, the queue was
+        shared and one address sent FLOOD_RUN requests in a row (a flood):
+        only then is a request still in granian's hands likely owed a turn
+        before what the loop already has. Guests that each ask one thing at
+        a time (a boot storm's crawls) come interleaved, and are served in
+        arrival order anyway. (Requests waiting in the loop's ready queue
+        are not visible here; a run from one address is.)"""
+        now = self.clock()
+        return self._shared_until > now and self._flood_until > now
+
     async def turn(self, client: str) -> None:
         """Wait until it is `client`'s turn (GuestQueueFull past per_client)."""
         count = self._waiting.get(client, 0)
@@ -63,9 +79,14 @@ class FairQueue:
         if client != self._previous:
             if self._previous:
                 self._shared_until = self.clock() + SHARED_WINDOW
-            self._previous = client
-        elif not self._pumping and self._shared_until <= self.clock():
-            return  # one guest alone and nobody waiting: no order to keep
+            self._previous, self._run = client, 1
+        else:
+            self._run += 1
+            now = self.clock()
+            if self._run >= FLOOD_RUN:
+                self._flood_until = now + SHARED_WINDOW
+            if not self._pumping and self._shared_until <= now:
+                return  # one guest alone and nobody waiting: no order to keep
         loop = asyncio.get_running_loop()
         tag = max(self._serving, self._last.get(client, 0)) + 1
         self._last[client] = tag
