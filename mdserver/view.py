@@ -3,8 +3,8 @@
 import hashlib
 import hmac
 import ipaddress
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from mdserver.config import Config
 from mdserver.models import Instance
@@ -86,6 +86,10 @@ class InstanceView:
     random_seed: bytes
     site: Site
     render_userdata: Callable[[], str]  # raises TemplateError
+    # What a face derives from the whole view and serves piece by piece (the
+    # EC2 tree, flattened): made at the first request, kept with the view,
+    # which is made again when its instance changes.
+    derived: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def instance_id(self) -> str:

@@ -118,3 +118,15 @@ def test_lookup_and_config_drive_file():
     assert doc["instance-id"] == "i-ec200007aaaa4bbb8"
     assert doc["public-keys"]["1"]["openssh-key"] == "ssh-rsa AAAAB3Nza ops@host"
     assert doc["placement"]["availability-zone"] == "mds-1a"
+
+
+def test_the_tree_is_built_once_per_view(monkeypatch):
+    view = view_of(make_instance(7), SITE)
+    first = metadata.lookup(view, "latest/meta-data/instance-id")
+    monkeypatch.setattr(metadata, "build_tree", lambda v: pytest.fail("built again"))
+    assert metadata.lookup(view, "latest/meta-data/local-ipv4").body == b"10.122.0.7"
+    assert first.body == view.ec2_instance_id.encode()
+    # a new view (its instance changed) builds its own
+    other = view_of(make_instance(8), SITE)
+    monkeypatch.undo()
+    assert metadata.lookup(other, "latest/meta-data/local-ipv4").body == b"10.122.0.8"

@@ -155,7 +155,11 @@ def lookup(view: InstanceView, path: str) -> Optional[Reply]:
         # A failing template is a 500 here, as before: the EC2 datasource
         # retries it, and guests on this route were configured that way.
         return Reply(view.user_data().encode(), BINARY, cacheable=False)
-    body = flatten(build_tree(view)).get(rest)
+    flat = view.derived.get(NAME)
+    if flat is None:
+        # Once per instance, not once per path: a crawl asks for ~45 of them.
+        flat = view.derived[NAME] = flatten(build_tree(view))
+    body = flat.get(rest)
     return None if body is None else text(body)
 
 
