@@ -277,7 +277,10 @@ def markdown(doc: dict, path: str, plots_dir: Optional[str],
     """Replace the results section of `path` (between the markers), or
     write a file that is only that section."""
     m = doc["machine"]
-    s = [START, "", f"Run of {doc['when']}: `python -m bench{' --quick' if doc['quick'] else ''}`"
+    workers = doc.get("plan", {}).get("workers")
+    command = "python -m bench" + (" --quick" if doc["quick"] else "") + \
+        (f" --workers {workers}" if workers else "")
+    s = [START, "", f"Run of {doc['when']}: `{command}`"
          f", {doc['seconds'] / 60:.1f} minutes.", "",
          f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}, kernel "
          f"{m['kernel']}; Python {m['python']}, granian {m['granian']}, nginx {m['nginx']}, "
