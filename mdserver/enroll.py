@@ -30,7 +30,6 @@ requests, in event order.
 """
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from urllib.parse import quote
 
 from mdserver import __version__
 from mdserver import adminclient, domainxml, logs, pruning, routes
+from mdserver.domains import load_libvirt
 from mdserver import config as configmod
 from mdserver.errors import BadDomainXML, ConfigError, DaemonUnavailable, MdserverError
 from mdserver.metrics import EnrollCounts
@@ -55,15 +55,6 @@ EXIT_CONFIG = 2
 BACKOFF_MAX = 30.0
 ADMIN_RETRY = 5.0  # seconds between looks at an admin socket that did not answer
 MIGRATION_MEMORY = 120.0  # seconds an outgoing migration protects an UNDEFINED
-
-
-def load_libvirt() -> Any:
-    """libvirt's Python binding, or MdserverError saying how to get it."""
-    try:
-        return importlib.import_module("libvirt")
-    except ImportError:
-        raise MdserverError("libvirt's Python binding is missing (install python3-libvirt "
-                            "or pip install 'mdserver[enroll]')") from None
 
 
 def _url(uuid: str) -> str:
