@@ -33,11 +33,16 @@ die() { echo "run-tests: $*" >&2; exit 1; }
 # `python -m bench --quick`, which starts an nginx of its own, own config, in a
 # namespace of its own; the package's service, started on install where an
 # init system runs, is never used).
+# dpkg-dev, fakeroot, lintian: tests/test_package.py builds mdserver's own
+# Debian package with scripts/build-deb.sh (which installs the rest of its
+# build dependencies, those of debian/control, with apt-get build-dep) and
+# installs it in a qemu guest, never on this host; debugfs (e2fsprogs) reads
+# the guest image's dpkg status for it.
 apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
               libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables
               systemd qemu-utils mmdebstrap e2fsprogs openssh-client openssl
               xorriso genisoimage libvirt-dev pkg-config etcd-server etcd-client nftables wrk
-              nginx-light)
+              nginx-light dpkg-dev fakeroot lintian)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()
