@@ -315,7 +315,12 @@ class Enroller:
                 if not waiting:
                     log.warning("waiting for libvirt at %s: %s", uri,
                                 e.get_error_message() or e)
-                    sd_notify("STATUS=waiting for libvirt")
+                    # Ready all the same: it is doing its job, which is to
+                    # wait. Held back, `systemctl start` on a host whose
+                    # libvirtd is down would hang until TimeoutStartSec and
+                    # fail into a restart loop; `mdserverctl status` shows
+                    # the wait as a problem, with its fix.
+                    sd_notify("READY=1\nSTATUS=waiting for libvirt")
                     waiting = True
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)

@@ -37,12 +37,13 @@ die() { echo "run-tests: $*" >&2; exit 1; }
 # Debian package with scripts/build-deb.sh (which installs the rest of its
 # build dependencies, those of debian/control, with apt-get build-dep) and
 # installs it in a qemu guest, never on this host; debugfs (e2fsprogs) reads
-# the guest image's dpkg status for it.
+# the guest image's dpkg status for it. groff-base (groff, man): the man
+# pages' check (tests/test_manpages.py: no groff warning).
 apt_packages=(iproute2 ca-certificates dnsmasq-base busybox libvirt-daemon
               libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iptables
               systemd qemu-utils mmdebstrap e2fsprogs openssh-client openssl
               xorriso genisoimage libvirt-dev pkg-config etcd-server etcd-client nftables wrk
-              nginx-light dpkg-dev fakeroot lintian)
+              nginx-light dpkg-dev fakeroot lintian groff-base)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     had_cloud_init=$(dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -c "ok installed" || true)
     missing=()

@@ -387,7 +387,8 @@ def test_waits_for_an_absent_libvirtd_quietly_and_stops_cleanly(tmp_path):
                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                          env={**os.environ, "NOTIFY_SOCKET": notify.path})
     try:
-        assert notify.next() == "STATUS=waiting for libvirt"   # not READY=1
+        # ready (systemctl start returns), saying what it waits for
+        assert notify.next() == "READY=1\nSTATUS=waiting for libvirt"
         time.sleep(4)  # retries at 1, 2 (then 4) s: one log line for the state
         with open(f"/proc/{p.pid}/stat") as f:
             cpu_ticks = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])

@@ -13,8 +13,8 @@ image with debugfs) and downloads exactly what is missing; all of it goes in
 over SSH and `apt-get install` installs it offline.
 
 The enroller is tested against the guest's own libvirtd (libvirt-daemon-system,
-qemu:///system): it must report "connected", so `systemctl start` returns
-(Type=notify; without libvirt it would wait, saying "waiting for libvirt").
+qemu:///system): it must report "connected" (without libvirt it would be
+ready all the same, its status saying "waiting for libvirt").
 Domains are not defined in the guest (that needs QEMU there); enrollment
 itself is tests/test_enroll.py's, against a real libvirtd.
 
