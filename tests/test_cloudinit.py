@@ -90,7 +90,8 @@ def guest_requests(lab, ip):
     for line in lab.logfile.read_text().splitlines():
         _, sep, entry = line.partition(" mdserver.access: ")
         if sep and entry.startswith(ip + " "):
-            _, method, path, status, token = entry.split(" ")
+            # the line's own words, then its key=value fields (logs.fields)
+            _, method, path, status, token = entry.split(" ")[:5]
             out.append((method, path, status, token.split("=")[1]))
     return out
 
