@@ -613,8 +613,9 @@ def access_log(path, ip):
     """(time, method, path, status, token?) of every request `ip` made, in order."""
     out = []
     for line in path.read_text().splitlines():
-        m = re.match(r"^(\S+ \S+) INFO mdserver\.access: (\S+) (\S+) (\S+) (\S+) token=(\w+)$",
-                     line)
+        # the line's own words, then (after a space) its key=value fields
+        m = re.match(r"^(\S+ \S+) INFO mdserver\.access: (\S+) (\S+) (\S+) (\S+) "
+                     r"token=(\w+)( |$)", line)
         if m and m.group(2) == ip:
             t = time.mktime(time.strptime(m.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S")) \
                 + int(m.group(1).split(",")[1]) / 1000
