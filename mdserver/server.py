@@ -71,9 +71,11 @@ def _worker_app(cfg: Config, build: Build) -> GuestListener:
 
 def default_workers(cpus: Optional[int] = None) -> int:
     """`workers = 0`: half the CPUs this process may use, 1 to 4. Measured on
-    2 cores (docs/BENCHMARKS.md): a second worker nearly doubles what a flood
-    gets, and takes the CPU another guest's crawl needs; on a hypervisor the
-    guests need the cores more than the metadata service does."""
+    2 cores that also run the load (docs/BENCHMARKS.md): one worker served
+    a guest's keep-alive load 1.3x and a 500-guest boot storm 1.9x faster
+    than two; a second worker nearly doubles what a flood gets, and takes
+    the CPU another guest's crawl needs. On a hypervisor the guests need
+    the cores more than the metadata service does."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0))
     return max(1, min(4, cpus // 2))
