@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import socket
 from typing import Any, Optional, Tuple
 
@@ -50,3 +51,11 @@ def call(path: str, method: str, url: str, body: Optional[bytes] = None) -> Any:
     if status != 200:
         raise MdserverError(data.decode(errors="replace").strip() or f"HTTP {status}")
     return json.loads(data)
+
+
+def port_file(admin_socket: str) -> str:
+    """Where the daemon reports the port it serves guests on: beside the admin
+    socket, `admin.sock` -> `admin.port`. One line, the port number; written
+    when serving starts, removed at exit. Useful with `port = 0`."""
+    stem, ext = os.path.splitext(admin_socket)
+    return (stem if ext == ".sock" else admin_socket) + ".port"

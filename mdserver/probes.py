@@ -60,17 +60,9 @@ def daemon(cfg: Config) -> Tuple[DaemonFacts, StoreFacts]:
         store = StoreFacts(status=json.loads(body), source="daemon")
     else:
         store = StoreFacts(error=f"GET /store: {body.decode(errors='replace').strip()}")
-    port = _reported_port(port_file(path))
+    port = _reported_port(adminclient.port_file(path))
     listener = None if port is None else _listener_error(md.listen_address, port)
     return DaemonFacts(answers=True, port=port, listener_error=listener), store
-
-
-def port_file(admin_socket: str) -> str:
-    """mdserver.server.port_file's path (admin.sock -> admin.port), repeated
-    here so that this check does not load the server and its workers' modules
-    (tests/test_status.py holds the two equal)."""
-    stem, ext = os.path.splitext(admin_socket)
-    return (stem if ext == ".sock" else admin_socket) + ".port"
 
 
 def _reported_port(path: str) -> Optional[int]:

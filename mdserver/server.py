@@ -13,6 +13,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Optional
 
 from mdserver import logs
+from mdserver.adminclient import port_file
 from mdserver.adminserver import AdminClaim, claim_admin, close_admin, serve_admin
 from mdserver.bodies import finished_bodies
 from mdserver.config import Config, MdserverSection
@@ -44,14 +45,6 @@ GRANIAN_LOGGING = {
 Build = Callable[[Config], "GuestApp"]
 # Told (host, port) once guests are served there.
 OnListening = Callable[[str, int], None]
-
-
-def port_file(admin_socket: str) -> str:
-    """Where the daemon reports the port it serves guests on: beside the admin
-    socket, `admin.sock` -> `admin.port`. One line, the port number; written
-    when serving starts, removed at exit. Useful with `port = 0`."""
-    stem, ext = os.path.splitext(admin_socket)
-    return (stem if ext == ".sock" else admin_socket) + ".port"
 
 
 def _worker_app(cfg: Config, build: Build) -> GuestListener:

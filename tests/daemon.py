@@ -10,7 +10,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from mdserver import config
-from mdserver.server import port_file as daemon_port_file
+from mdserver.adminclient import port_file as daemon_port_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ class Daemon:
 
     Tests give their daemons `port = 0` (any free port: no race for a port
     picked beforehand) and learn the port from the daemon's own report, the
-    file beside its admin socket (mdserver.server.port_file), in wait_ready().
+    file beside its admin socket (mdserver.adminclient.port_file), in wait_ready().
     `host` and `port`, when given, are what the test expects (say
     169.254.169.254:80 in a namespace of its own); by default both come from
     the configuration and the report. `port_file` is for configurations the

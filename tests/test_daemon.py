@@ -9,7 +9,7 @@ import pytest
 
 from helpers import make_instance, write_config
 from daemon import Daemon, request
-from mdserver.server import port_file
+from mdserver.adminclient import port_file
 from mdserver.store import Store
 
 pytestmark = pytest.mark.process

@@ -167,13 +167,6 @@ def test_dnsmasq_probe_reads_pid_cmdline_sockets_and_start(tmp_path):
     assert probes.dnsmasq_facts(cfg, proc=str(proc)).pid is None
 
 
-@pytest.mark.unit
-def test_the_port_file_is_the_servers():
-    from mdserver.server import port_file
-    for path in ("/run/mdserver/admin.sock", "/tmp/x/admin", "/tmp/a.b/admin.socket"):
-        assert probes.port_file(path) == port_file(path)
-
-
 class FakeRun:
     """FAKE `subprocess.run` for the commands the probes run (ip, systemctl)."""
 
