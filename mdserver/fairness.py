@@ -68,8 +68,7 @@ class FairQueue:
         a time (a boot storm's crawls) come interleaved, and are served in
         arrival order anyway. (Requests waiting in the loop's ready queue
         are not visible here; a run from one address is.)"""
-        now = self.clock()
-        return self._shared_until > now and self._flood_until > now
+        return self.shared() and self._flood_until > self.clock()
 
     async def turn(self, client: str) -> None:
         """Wait until it is `client`'s turn (GuestQueueFull past per_client)."""

@@ -43,11 +43,11 @@ def _hand_over_gil() -> None:
     from one guest): another guest's cloud-init crawl takes 3.5-4.8x its
     time alone without it, 2.2x handing over every 8 answers, 1.4-1.7x every
     4, no better every 1 or 2, for ~10% of the flood's throughput. Only
-    while one address has requests queued behind each other and another
-    address is served too (FairQueue.contended): a guest alone never pays
-    it, nor do guests that each ask one thing at a time (a 500-guest boot
-    storm spent 18% of each worker's time here when every shared moment
-    paid it)."""
+    while one address sends fairness.FLOOD_RUN requests in a row and
+    another address is served too (FairQueue.contended): a guest alone
+    never pays it, nor do guests that each ask one thing at a time (a
+    500-guest boot storm spent 18% of each worker's time here when every
+    shared moment paid it)."""
     time.sleep(0)
 
 
